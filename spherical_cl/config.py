@@ -1,0 +1,328 @@
+"""The typed experiment config: dataclass schema, YAML loading, overrides and validation.
+
+Every key is a dataclass field with a type, a default and a one-line help in its metadata.
+OmegaConf checks keys and types while merging the YAML file and the command-line overrides
+onto the schema. Ranges and choices, also declared in the metadata, are checked afterwards
+by :func:`validate`. Every failure is a :class:`~spherical_cl.errors.ConfigError` whose
+message names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from spherical_cl.errors import ConfigError
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: Sequence[str] | None = None,
+    default_factory: Any = None,
+) -> Any:
+    """Declare a config field with its help text and its allowed range or choices."""
+    metadata = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = option(
+        "vit_micro",
+        "Backbone alias from spherical_cl.backbones.BACKBONES, or 'timm:NAME' / 'torchvision:NAME'.",
+    )
+    pretrained: bool = option(True, "Load pretrained weights (timm: Hugging Face hub; torchvision: TORCH_HOME).")
+    checkpoint: Optional[str] = option(None, "Local weights file used instead of downloading pretrained weights.")
+    img_size: Optional[int] = option(None, "Input resolution in pixels; default from the backbone's pretrained config.", ge=8)
+    lora_rank: int = option(8, "LoRA rank r of each task's adapter.", ge=1)
+    lora_alpha: float = option(8.0, "LoRA alpha; the update is scaled by alpha / r.", gt=0)
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input.", ge=0, lt=1)
+    lora_targets: Optional[list[str]] = option(
+        None, "Module names or suffixes that get adapters; default from the backbone table."
+    )
+
+
+@dataclass
+class DataConfig:
+    source: str = option(
+        "digits", "Dataset source.", choices=("digits", "npz", "cifar100", "imagefolder")
+    )
+    root: Optional[str] = option(
+        None, "Dataset directory: npz holds train.npz/test.npz; cifar100 is torchvision's root; imagefolder holds the images."
+    )
+    train_list: str = option("train.txt", "imagefolder: split file of 'relative/path label' lines, relative to root.")
+    test_list: str = option("test.txt", "imagefolder: split file of the test images, relative to root.")
+    download: bool = option(False, "cifar100: let torchvision download the dataset into root.")
+    num_tasks: Optional[int] = option(5, "Number of tasks; set this or classes_per_task.", ge=1)
+    classes_per_task: Optional[int] = option(None, "Classes per task; overrides num_tasks when set.", ge=1)
+    first_task_classes: Optional[int] = option(None, "Classes in the first task when it is larger than the others.", ge=1)
+    remainder: str = option(
+        "error", "What to do with classes that do not divide into the tasks.", choices=("error", "first", "last")
+    )
+    class_order: str = option(
+        "permutation", "Class order across tasks.", choices=("identity", "permutation", "explicit")
+    )
+    class_list: Optional[list[int]] = option(None, "Explicit class order when class_order is 'explicit'.")
+    order_seed: int = option(1993, "Seed of the class permutation, independent of the training seed.")
+    max_train_per_class: Optional[int] = option(
+        None, "Cap on training images per class (seeded subset), for quick proxies.", ge=1
+    )
+    augment: str = option(
+        "pad_crop_flip", "Training augmentation.", choices=("none", "flip", "pad_crop_flip", "random_resized_crop_flip")
+    )
+    num_workers: int = option(0, "DataLoader worker processes.", ge=0)
+
+
+@dataclass
+class TrainConfig:
+    epochs_warm: int = option(0, "Warm-up epochs per task.", ge=0)
+    epochs_main: int = option(2, "Main-phase epochs per task.", ge=0)
+    batch_size: int = option(64, "Training batch size.", ge=1)
+    eval_batch_size: int = option(256, "Batch size of evaluation and feature passes.", ge=1)
+    lr: float = option(1e-3, "Learning rate of the LoRA adapters.", gt=0)
+    head_lr: Optional[float] = option(None, "Learning rate of the classifier head; default lr.", gt=0)
+    wd: float = option(1e-5, "Weight decay of the LoRA adapters.", ge=0)
+    ema_momentum: float = option(0.97, "EMA momentum beta of the class prototypes.", ge=0, lt=1)
+    grad_clip: Optional[float] = option(None, "Clip the gradient norm of the trainable parameters to this value.", gt=0)
+    device: str = option("auto", "'auto' (CUDA, then CPU), 'cpu', 'cuda' or 'cuda:N'.")
+
+
+@dataclass
+class ProjectionConfig:
+    use_U: bool = option(True, "Project the embedding gradient onto the tangent PCA basis U_t too.")
+    pca_energy: float = option(0.90, "Energy fraction tau that U_t must capture.", gt=0, le=1)
+    k_max: int = option(128, "Maximum rank k of U_t.", ge=1)
+    max_vectors: int = option(50_000, "Cap on the samples forwarded to build the drift-resistant space (seeded).", ge=1)
+
+
+@dataclass
+class LossConfig:
+    s_start: float = option(10.0, "ArcFace scale s at the first epoch.", gt=0)
+    s_end: float = option(30.0, "ArcFace scale s at the last epoch.", gt=0)
+    m_start: float = option(0.0, "ArcFace additive angular margin m (radians) at the first epoch.", ge=0, lt=math.pi)
+    m_end: float = option(0.2, "ArcFace margin m (radians) at the last epoch.", ge=0, lt=math.pi)
+    triplet_lambda: float = option(0.5, "Weight of the angular triplet loss.", ge=0)
+    triplet_margin: float = option(0.2, "Margin of the angular triplet loss (radians).", ge=0)
+    label_smoothing: float = option(0.05, "Label smoothing of the cross-entropy.", ge=0, lt=1)
+
+
+@dataclass
+class LoggingConfig:
+    eval_interval: int = option(1, "Evaluate on the seen classes every N epochs (0: only at each task's end).", ge=0)
+    save_prototypes: bool = option(True, "Export the class prototypes after each task.")
+    save_U: bool = option(True, "Export each task's basis U_t.")
+    progress: bool = option(True, "Show progress bars over epochs and batches.")
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = option(0, "Seed of python, numpy and torch.")
+    method: str = option("seq_lora", "Incremental learner.", choices=("seq_lora",))
+    model: ModelConfig = option(default_factory=ModelConfig)
+    data: DataConfig = option(default_factory=DataConfig)
+    train: TrainConfig = option(default_factory=TrainConfig)
+    projection: ProjectionConfig = option(default_factory=ProjectionConfig)
+    loss: LossConfig = option(default_factory=LossConfig)
+    logging: LoggingConfig = option(default_factory=LoggingConfig)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load a YAML file and ``key=value`` overrides onto the schema, then validate.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or value out of range.
+    """
+    merged = OmegaConf.structured(ExperimentConfig)
+    if path is not None:
+        merged = _merge(merged, _read_yaml(Path(path)), source=str(path))
+    if overrides:
+        merged = _merge(merged, _parse_overrides(overrides), source="command line")
+    config = OmegaConf.to_object(merged)
+    validate(config)
+    return config
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}; pass an existing YAML file with --config")
+    try:
+        loaded = OmegaConf.load(path)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error}; it must hold a YAML mapping of keys") from None
+    except (yaml.YAMLError, OmegaConfBaseException) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise ConfigError(f"cannot parse config file {path}: {first_line}") from error
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must contain a mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value, e.g. train.lr=3e-4")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except (yaml.YAMLError, OmegaConfBaseException) as error:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {error}") from error
+
+
+def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as error:
+        key = error.full_key or str(error.key)
+        raise ConfigError(f"unknown config key {key!r} in {source}{_suggest_keys(key)}") from None
+    except OmegaConfBaseException as error:
+        key = error.full_key or str(error.key)
+        expected = _expected_type(key)
+        raise ConfigError(
+            f"invalid value {error.value!r} for {key} in {source}: expected {expected}"
+        ) from None
+
+
+def _resolve_type(owner: type, name: str) -> Any:
+    return typing.get_type_hints(owner)[name]
+
+
+def _expected_type(dotted_key: str) -> str:
+    owner: Any = ExperimentConfig
+    try:
+        for part in dotted_key.split("."):
+            annotation = _resolve_type(owner, part)
+            owner = annotation
+    except (KeyError, TypeError):
+        return "a value of the schema's type"
+    return _type_name(annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Union and len(args) == 1:
+        return f"{_type_name(args[0])} or null"
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_type_name(args[0])}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _suggest_keys(dotted_key: str) -> str:
+    parent_key, _, name = dotted_key.rpartition(".")
+    owner: Any = ExperimentConfig
+    for part in filter(None, parent_key.split(".")):
+        try:
+            owner = _resolve_type(owner, part)
+        except KeyError:
+            return ""
+    if not dataclasses.is_dataclass(owner):
+        return ""
+    valid = [f.name for f in dataclasses.fields(owner)]
+    prefix = f"{parent_key}." if parent_key else ""
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    if close:
+        return "; did you mean " + " or ".join(repr(prefix + c) for c in close) + "?"
+    return f"; valid keys here: {', '.join(prefix + v for v in valid)}"
+
+
+def iter_fields(config: Any, prefix: str = ""):
+    """Yield ``(dotted_key, value, field)`` for every leaf of a config dataclass."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from iter_fields(value, prefix=f"{key}.")
+        else:
+            yield key, value, f
+
+
+def validate(config: ExperimentConfig) -> None:
+    """Check every declared range and choice, then the constraints between keys.
+
+    Raises:
+        ConfigError: names the first offending key, its value and what is allowed.
+    """
+    for key, value, f in iter_fields(config):
+        _check_field(key, value, f.metadata)
+    _check_cross_field(config)
+
+
+def _check_field(key: str, value: Any, meta: Any) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        close = difflib.get_close_matches(str(value), list(choices), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"invalid value {value!r} for {key}: must be one of {', '.join(choices)}{hint}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"invalid value {value!r} for {key}: must be a finite number")
+    bounds = [
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ]
+    for name, holds, symbol in bounds:
+        bound = meta.get(name)
+        if bound is not None and not holds(value, bound):
+            raise ConfigError(f"value {value!r} for {key} is out of range: must be {symbol} {bound:g}")
+
+
+def _check_cross_field(config: ExperimentConfig) -> None:
+    data = config.data
+    if data.class_order == "explicit" and not data.class_list:
+        raise ConfigError("data.class_order is 'explicit' but data.class_list is empty; give the class order as a list")
+    if data.class_list and data.class_order != "explicit":
+        raise ConfigError(
+            f"data.class_list is set but data.class_order is {data.class_order!r}; set data.class_order=explicit"
+        )
+    if data.num_tasks is None and data.classes_per_task is None:
+        raise ConfigError("set data.num_tasks or data.classes_per_task")
+    if data.source in ("npz", "imagefolder") and not data.root:
+        raise ConfigError(f"data.root is required for data.source={data.source!r}; set it to the dataset directory")
+    if config.train.epochs_warm + config.train.epochs_main == 0 and config.method != "ncm":
+        raise ConfigError("train.epochs_warm + train.epochs_main is 0; train for at least one epoch")
+
+
+def to_dict(config: ExperimentConfig) -> dict:
+    """Return the config as plain nested dicts, lists and scalars."""
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: ExperimentConfig) -> str:
+    """Return the resolved config as YAML text that :func:`load_config` reads back."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    """Return a SHA-256 hex digest of the resolved config, independent of key order."""
+    text = json.dumps(to_dict(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """Return ``(dotted_key, default, help)`` for every key, for ``--help-config``."""
+    rows = []
+    for key, value, f in iter_fields(ExperimentConfig()):
+        rows.append((key, repr(value), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,54 @@
+"""The contract between an incremental learner and the trainer that drives it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+
+@dataclass
+class TaskContext:
+    """What a learner needs to know about the task it starts or ends.
+
+    Attributes:
+        task: 0-based task index.
+        num_tasks: number of tasks in the experiment.
+        classes: model labels introduced by this task.
+        seen: model labels of every class seen up to and including this task.
+        feature_loader: builds a loader over this task's training images with test-time
+            transforms, for passes that estimate statistics (prototypes, subspaces).
+        device: where the learner's modules live.
+    """
+
+    task: int
+    num_tasks: int
+    classes: range
+    seen: range
+    feature_loader: Callable[[], DataLoader]
+    device: torch.device
+
+
+@dataclass
+class StepInfo:
+    """Where a training step sits: its task, epoch and the epoch count of the task."""
+
+    task: int
+    epoch: int
+    num_epochs: int
+    phase: str = "main"
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the task's epochs finished before this one, in [0, 1]."""
+        return self.epoch / max(self.num_epochs - 1, 1)
+
+
+@dataclass
+class LossOutput:
+    """The loss to back-propagate and each of its terms as floats for the log."""
+
+    loss: torch.Tensor
+    terms: dict[str, float] = field(default_factory=dict)

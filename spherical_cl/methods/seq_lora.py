@@ -1,0 +1,132 @@
+"""Sequential LoRA: each task trains its own adapter and head block, with no drift control.
+
+This is the lower bound of every table (ablation row 0) and the base class of the other
+learners, which override the hooks it defines: :meth:`start_task`, :meth:`training_loss`,
+:meth:`after_step`, :meth:`end_task` and :meth:`predict`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import geoopt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from manifolds import Sphere
+from spherical_cl.backbones import Backbone
+from spherical_cl.config import ExperimentConfig
+from spherical_cl.data import BatchPreprocessor
+from spherical_cl.errors import ConfigError
+from spherical_cl.features import class_mean_directions
+from spherical_cl.heads import ArcFaceHead
+from spherical_cl.lora import TaskAdapters
+from spherical_cl.methods.base import LossOutput, StepInfo, TaskContext
+
+logger = logging.getLogger(__name__)
+
+
+class SequentialLoRA(nn.Module):
+    """Per-task LoRA adapters and a cosine head trained by cross-entropy on the task's classes.
+
+    The head's scale is ``loss.s_end`` and its margin 0. After each task the adapter is
+    folded into the backbone and the task's class prototypes (normalised class means under
+    the final weights) are stored for nearest-prototype prediction.
+    """
+
+    name = "seq_lora"
+    headline = "classifier"
+
+    def __init__(self, config: ExperimentConfig, backbone: Backbone) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        spec = backbone.input_spec
+        self.preprocess = BatchPreprocessor(spec.input_size, spec.mean, spec.std)
+        targets = config.model.lora_targets or backbone.spec.lora_targets
+        if not targets:
+            raise ConfigError(f"backbone {config.model.backbone!r} has no default LoRA targets; set model.lora_targets")
+        self.adapters = TaskAdapters(backbone.model, targets, rank=config.model.lora_rank,
+                                     alpha=config.model.lora_alpha, dropout=config.model.lora_dropout)
+        self.sphere = Sphere()
+        self.head = ArcFaceHead(backbone.embed_dim)
+        self.prototypes = geoopt.ManifoldTensor(torch.empty(0, backbone.embed_dim), manifold=self.sphere)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.current_classes = range(0)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Map uint8 images (B, 3, H, W) to unit embeddings (B, D) in float32."""
+        features = self.backbone(self.preprocess(images)).float()
+        return self.sphere.projx(features)
+
+    def train(self, mode: bool = True) -> "SequentialLoRA":
+        """Set training mode, but keep the frozen backbone in eval mode.
+
+        Batch-norm statistics and dropout of the pre-trained backbone stay as they were
+        pre-trained; only the LoRA dropout follows ``mode``.
+        """
+        super().train(mode)
+        self.backbone.eval()
+        for layer in self.adapters.layers().values():
+            layer.lora_dropout.train(mode)
+        return self
+
+    # Task lifecycle -------------------------------------------------------------------
+
+    def start_task(self, context: TaskContext) -> torch.optim.Optimizer:
+        """Add the task's adapter and head block and return the optimizer over them."""
+        self.current_classes = context.classes
+        lora_parameters = self.adapters.add_task(context.task)
+        head_block = self.head.add_classes(len(context.classes), init=self.initial_head_weights(context))
+        self.to(context.device)
+        train = self.config.train
+        self.optimizer = geoopt.optim.RiemannianAdam([
+            {"params": lora_parameters, "lr": train.lr, "weight_decay": train.wd},
+            {"params": [head_block], "lr": train.head_lr or train.lr, "weight_decay": 0.0},
+        ])
+        return self.optimizer
+
+    def initial_head_weights(self, context: TaskContext) -> torch.Tensor | None:
+        """Return the new head block's initial weights, (n_t, D); None means random on the sphere."""
+        return None
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> LossOutput:
+        """Cross-entropy of the scaled cosine logits over the current task's classes."""
+        embeddings = self.embed(images)
+        logits = self.head.logits(embeddings, scale=self.config.loss.s_end)
+        task_logits = logits[:, self.current_classes.start:self.current_classes.stop]
+        loss = F.cross_entropy(task_logits, labels - self.current_classes.start)
+        return LossOutput(loss, {"ce": loss.item()})
+
+    def after_step(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> None:
+        """Update running statistics after an optimizer step; nothing for this learner."""
+
+    def end_task(self, context: TaskContext) -> None:
+        """Fold the adapter into the backbone and store the task's class prototypes."""
+        self.adapters.fold_active()
+        self.optimizer = None
+        new = self.estimate_prototypes(context)
+        self.prototypes = geoopt.ManifoldTensor(torch.cat([self.prototypes.to(new.device), new]),
+                                                manifold=self.sphere)
+
+    def estimate_prototypes(self, context: TaskContext) -> torch.Tensor:
+        """Return the normalised class means of the task's classes under the current weights."""
+        self.eval()
+        return class_mean_directions(self.embed, context.feature_loader(), context.classes, context.device)
+
+    # Prediction -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return the predicted model label (B,) of each predictor over all seen classes."""
+        embeddings = self.embed(images)
+        predictions = {"classifier": self.head.cosine(embeddings).argmax(dim=1)}
+        if len(self.prototypes):
+            # Nearest prototype by geodesic distance is the largest cosine.
+            predictions["ncm"] = (embeddings @ self.prototypes.t()).argmax(dim=1)
+        return predictions
+
+    def trainable_parameter_count(self) -> int:
+        """Return the number of parameters the current task trains."""
+        return sum(p.numel() for group in (self.optimizer.param_groups if self.optimizer else []) for p in group["params"])

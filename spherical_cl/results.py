@@ -1,0 +1,167 @@
+"""The run directory: resolved config, run info, JSON-lines log, metrics and plots.
+
+A run is complete when ``metrics.json`` exists. It is written last, through a temporary
+file and a rename, so a crashed or killed run never leaves one behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from spherical_cl.config import ExperimentConfig, config_hash, to_yaml
+from spherical_cl.errors import RunDirError
+
+logger = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "torchvision", "timm", "peft", "geoopt", "numpy", "scikit-learn", "omegaconf", "spherical-cl")
+
+
+def default_run_dir(config_path: str | Path | None, root: str | Path = "runs") -> Path:
+    """Return ``runs/<config stem>-<YYYYmmdd-HHMMSS>``."""
+    stem = Path(config_path).stem if config_path else "default"
+    return Path(root) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(path: Path, *, overwrite: bool = False) -> None:
+    """Create the run directory, or reject one that holds a finished run or is not writable.
+
+    Raises:
+        RunDirError: ``path`` holds ``metrics.json`` and ``overwrite`` is off, or it cannot
+            be created or written.
+    """
+    if (path / "metrics.json").exists() and not overwrite:
+        raise RunDirError(f"{path} already holds a finished run (metrics.json); pass --overwrite or another --run-dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise RunDirError(f"cannot write to run directory {path}: {error.strerror}; choose another --run-dir") from None
+    if overwrite:
+        for name in ("metrics.json", "log.jsonl"):
+            (path / name).unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` through a temporary file, fsync and rename."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    with open(temporary, "w") as handle:
+        json.dump(payload, handle, indent=2, allow_nan=False, default=_json_default)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+def run_info(config: ExperimentConfig, device: str) -> dict:
+    """Return the git commit, package versions, hardware and config hash of this run."""
+    import torch
+
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    hardware = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return {
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "packages": versions,
+        "hardware": hardware,
+        "config_hash": config_hash(config),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _git_commit() -> str | None:
+    source = Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return result.stdout.strip() + ("-dirty" if dirty else "")
+
+
+class RunWriter:
+    """Writes the files of one run directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.log_path = path / "log.jsonl"
+
+    def write_start(self, config: ExperimentConfig, info: dict) -> None:
+        (self.path / "config.yaml").write_text(to_yaml(config))
+        write_json_atomic(self.path / "run_info.json", info)
+
+    def log(self, record: dict) -> None:
+        """Append one record to ``log.jsonl``; non-finite floats are written as null."""
+        with open(self.log_path, "a") as handle:
+            handle.write(json.dumps(_finite_or_none(record), default=_json_default) + "\n")
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json_atomic(self.path / "metrics.json", _finite_or_none(metrics))
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def summary_table(metrics: dict) -> str:
+    """Return a plain-text table of the per-task accuracies and the final metrics."""
+    predictors = metrics["predictors"]
+    names = list(predictors)
+    header = ["task", "classes"] + [f"{name} acc" for name in names] + ["old", "new", "time (s)"]
+    rows = []
+    headline = predictors[metrics["headline"]]
+    for i, classes in enumerate(metrics["classes_per_task"]):
+        old = headline["a_old"][i]
+        rows.append([str(i + 1), str(len(classes))]
+                    + [f"{predictors[name]['acc_per_task'][i]:.2f}" for name in names]
+                    + ["-" if old is None else f"{old:.2f}", f"{headline['a_new'][i]:.2f}",
+                       f"{metrics['runtime_s'][i]:.1f}"])
+    widths = [max(len(header[c]), *(len(r[c]) for r in rows)) for c in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(header, widths))]
+    lines += ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
+
+    def signed(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:+.2f}"
+
+    lines.append("")
+    lines.append(
+        f"headline ({metrics['headline']}): final {metrics['final_acc']:.2f}%  average {metrics['avg_acc']:.2f}%  "
+        f"BWT {signed(metrics['bwt'])}  forgetting {signed(metrics['forgetting'])}  "
+        f"time {sum(metrics['runtime_s']):.0f} s  peak memory {metrics['peak_memory_mb']:.0f} MB"
+    )
+    return "\n".join(lines)

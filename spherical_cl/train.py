@@ -1,0 +1,84 @@
+"""Command line: ``python -m spherical_cl.train --config FILE [key=value ...]``.
+
+This module and :mod:`spherical_cl.ablate` are the entry points. They are the only modules
+of ``spherical_cl`` that import ``trainers``; the library itself never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from spherical_cl.errors import UserError
+
+logger = logging.getLogger("spherical_cl.train")
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m spherical_cl.train",
+        description="Train a class-incremental experiment task by task and write its results.",
+    )
+    parser.add_argument("--config", required=True, help="YAML experiment config.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="Config overrides in dotted form, e.g. train.lr=3e-4 data.num_tasks=20.")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="Output directory (default: runs/<config name>-<date>-<time>).")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="Validate the config, build the task split and print the plan; load no weights.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace the results of a finished run in --run-dir.")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="Logging level of the console.")
+    parser.add_argument("--debug", action="store_true", help="Show the traceback of input errors.")
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the process exit code."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return _run(args)
+    except UserError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _run(args: argparse.Namespace) -> int:
+    from spherical_cl.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    # Importing the trainer pulls in torch, timm and peft; a config error is reported before that.
+    from trainers.experiment import plan_experiment, run_experiment
+    from trainers.incremental import NonFiniteLossError
+    from spherical_cl.results import default_run_dir, summary_table
+
+    if args.dry_run:
+        print(plan_experiment(config).describe())
+        return 0
+    run_dir = args.run_dir or default_run_dir(args.config)
+    try:
+        metrics = run_experiment(config, run_dir, overwrite=args.overwrite)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(summary_table(metrics))
+    print(f"results: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
