@@ -107,7 +107,19 @@ class TrainConfig:
 
 
 @dataclass
+class PrototypeConfig:
+    mode: str = option(
+        "per_class", "Base points of the projection: one per class, one per task, k-means anchors, or auto.",
+        choices=("per_class", "global", "multi_anchor", "auto"),
+    )
+    num_anchors: int = option(4, "Spherical k-means anchors per task in multi_anchor mode.", ge=1)
+    min_per_class: int = option(20, "auto: per_class when every class has this many samples, else multi_anchor.", ge=1)
+    ema: bool = option(True, "Update the base points by EMA of the batch embeddings (momentum train.ema_momentum).")
+
+
+@dataclass
 class ProjectionConfig:
+    enabled: bool = option(True, "Project the embedding gradient onto the tangent space at the base point.")
     use_U: bool = option(True, "Project the embedding gradient onto the tangent PCA basis U_t too.")
     pca_energy: float = option(0.90, "Energy fraction tau that U_t must capture.", gt=0, le=1)
     k_max: int = option(128, "Maximum rank k of U_t.", ge=1)
@@ -122,7 +134,33 @@ class LossConfig:
     m_end: float = option(0.2, "ArcFace margin m (radians) at the last epoch.", ge=0, lt=math.pi)
     triplet_lambda: float = option(0.5, "Weight of the angular triplet loss.", ge=0)
     triplet_margin: float = option(0.2, "Margin of the angular triplet loss (radians).", ge=0)
-    label_smoothing: float = option(0.05, "Label smoothing of the cross-entropy.", ge=0, lt=1)
+    label_smoothing: float = option(0.05, "Label smoothing of the cross-entropy in the warm-up phase.", ge=0, lt=1)
+    anneal: str = option("linear", "Schedule of s and m over the task's epochs; 'none' fixes them at s_end, m_end.",
+                         choices=("linear", "cosine", "none"))
+    ce_classes: str = option("current", "Classes in the cross-entropy: the current task's or all seen.",
+                             choices=("current", "seen"))
+    triplet_distance: str = option("geodesic", "Distance of the triplet loss on unit embeddings.",
+                                   choices=("geodesic", "chordal"))
+
+
+@dataclass
+class LinearDRSConfig:
+    energy: float = option(0.99, "Cumulative eigenvalue energy that splits each layer's input space.", gt=0, le=1)
+    subspace: str = option(
+        "null", "Project updates onto the eigenvectors past the energy split (null) or up to it (principal).",
+        choices=("null", "principal"),
+    )
+    normalize_projector: bool = option(True, "Divide the projector by its Frobenius norm, as the published code does.")
+    project_B: bool = option(True, "Also project B's update on the left (per d_in block of its rows).")
+    kv_only: bool = option(False, "Adapt only the key and value blocks of a fused qkv layer (q rows of B stay 0).")
+
+
+@dataclass
+class EvalConfig:
+    headline: str = option("ncm", "Predictor reported as the headline in metrics.json.", choices=("ncm", "classifier"))
+    drift_samples_per_class: Optional[int] = option(
+        100, "Training images per old class used to measure geodesic drift (seeded; null: all, 0: off).", ge=0
+    )
 
 
 @dataclass
@@ -136,12 +174,17 @@ class LoggingConfig:
 @dataclass
 class ExperimentConfig:
     seed: int = option(0, "Seed of python, numpy and torch.")
-    method: str = option("seq_lora", "Incremental learner.", choices=("seq_lora",))
+    method: str = option(
+        "seq_lora", "Incremental learner.", choices=("ncm", "seq_lora", "linear_drs", "drs_sphere")
+    )
     model: ModelConfig = option(default_factory=ModelConfig)
     data: DataConfig = option(default_factory=DataConfig)
     train: TrainConfig = option(default_factory=TrainConfig)
+    prototypes: PrototypeConfig = option(default_factory=PrototypeConfig)
     projection: ProjectionConfig = option(default_factory=ProjectionConfig)
     loss: LossConfig = option(default_factory=LossConfig)
+    linear_drs: LinearDRSConfig = option(default_factory=LinearDRSConfig)
+    eval: EvalConfig = option(default_factory=EvalConfig)
     logging: LoggingConfig = option(default_factory=LoggingConfig)
 
 

@@ -124,6 +124,16 @@ class RunWriter:
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(_finite_or_none(record), default=_json_default) + "\n")
 
+    def export(self, task: int, group: str, tensors: dict) -> Path:
+        """Write ``exports/task_<NN>_<group>.safetensors`` with the given tensors; return its path."""
+        from safetensors.torch import save_file
+
+        folder = self.path / "exports"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"task_{task + 1:02d}_{group}.safetensors"
+        save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(path))
+        return path
+
     def write_metrics(self, metrics: dict) -> None:
         write_json_atomic(self.path / "metrics.json", _finite_or_none(metrics))
 

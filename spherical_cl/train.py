@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from spherical_cl.errors import UserError
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
+    # torch 2.14 deprecates torch.jit.script, which torchvision still calls at import time.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     try:
         return _run(args)
     except UserError as error:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from spherical_cl.backbones import build_backbone
 from spherical_cl.config import ExperimentConfig
+from spherical_cl.errors import DataError
 from spherical_cl.data import ClassSplit, IncrementalData, build_class_split, load_source
 from spherical_cl.methods import build_learner
 from spherical_cl.plots import plot_run
@@ -19,6 +20,8 @@ from spherical_cl.results import RunWriter, prepare_run_dir, run_info
 from trainers.incremental import IncrementalTrainer, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
+
+CIFAR100_TRAIN_PER_CLASS = 500
 
 
 @dataclass
@@ -49,13 +52,20 @@ class ExperimentPlan:
         return "\n".join(lines)
 
 
-def build_data(config: ExperimentConfig, input_size: int) -> IncrementalData:
+def build_data(config: ExperimentConfig, input_size: int, *, download: bool | None = None) -> IncrementalData:
     """Load the dataset and split it into tasks as the config says."""
     data = config.data
     splits = load_source(data.source, data.root, train_list=data.train_list, test_list=data.test_list,
-                         download=data.download)
-    split = build_class_split(
-        splits.num_classes,
+                         download=data.download if download is None else download)
+    split = _build_split(config, splits.num_classes)
+    return IncrementalData(splits, split, input_size=input_size, augment=data.augment,
+                           max_train_per_class=data.max_train_per_class, subset_seed=config.seed)
+
+
+def _build_split(config: ExperimentConfig, num_classes: int) -> ClassSplit:
+    data = config.data
+    return build_class_split(
+        num_classes,
         num_tasks=data.num_tasks,
         classes_per_task=data.classes_per_task,
         first_task_classes=data.first_task_classes,
@@ -64,26 +74,35 @@ def build_data(config: ExperimentConfig, input_size: int) -> IncrementalData:
         class_list=data.class_list,
         order_seed=data.order_seed,
     )
-    return IncrementalData(splits, split, input_size=input_size, augment=data.augment,
-                           max_train_per_class=data.max_train_per_class, subset_seed=config.seed)
 
 
 def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
     """Build the split and the architecture (random weights, no download) and describe the run."""
     backbone = build_backbone(config.model.backbone, pretrained=False, img_size=config.model.img_size)
-    data = build_data(config, backbone.input_spec.input_size)
+    try:
+        # A dry run downloads nothing.
+        data = build_data(config, backbone.input_spec.input_size, download=False)
+        split = data.class_split
+        train_images = [len(data.train_indices_of(t)) for t in range(split.num_tasks)]
+    except DataError:
+        if config.data.source != "cifar100":
+            raise
+        logger.info("CIFAR-100 is not downloaded yet; planning with its published size of %d images per class",
+                    CIFAR100_TRAIN_PER_CLASS)
+        split = _build_split(config, num_classes=100)
+        per_class = min(CIFAR100_TRAIN_PER_CLASS, config.data.max_train_per_class or CIFAR100_TRAIN_PER_CLASS)
+        train_images = [per_class * size for size in split.task_sizes]
     learner = build_learner(config, backbone)
-    context_free_parameters = learner.adapters.add_task(0)
-    adapter_size = sum(p.numel() for p in context_free_parameters)
-    head_size = data.class_split.task_sizes[0] * backbone.embed_dim
+    adapter_size = sum(p.numel() for p in learner.adapters.add_task(0))
+    head_size = split.task_sizes[0] * backbone.embed_dim
     return ExperimentPlan(
-        split=data.class_split,
+        split=split,
         backbone=config.model.backbone,
         embed_dim=backbone.embed_dim,
         input_size=backbone.input_spec.input_size,
         trainable_parameters=adapter_size + head_size,
         lora_layers=len(learner.adapters.layers()),
-        train_images=[len(data.train_indices_of(t)) for t in range(data.class_split.num_tasks)],
+        train_images=train_images,
     )
 
 

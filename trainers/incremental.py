@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from spherical_cl.config import ExperimentConfig
 from spherical_cl.data import IncrementalData
+from spherical_cl.features import class_mean_directions
 from spherical_cl.methods.base import StepInfo, TaskContext
 from spherical_cl.metrics import summarize
 from spherical_cl.results import RunWriter
@@ -75,6 +76,7 @@ class IncrementalTrainer:
         self.split = data.class_split
         self.task_of_label = torch.as_tensor(self.split.task_of_label(), device=device)
         self.show_progress = config.logging.progress
+        self._drift_reference: list[torch.Tensor] = []
 
     # Loaders --------------------------------------------------------------------------
 
@@ -104,25 +106,64 @@ class IncrementalTrainer:
         rows: dict[str, list[list[float]]] = {}
         runtimes: list[float] = []
         counts: list[int] = []
+        drifts: list[float | None] = []
         for task in range(self.split.num_tasks):
             started = time.perf_counter()
             context = self._context(task)
             self.train_task(context)
             result = self.evaluate(task)
             runtimes.append(time.perf_counter() - started)
+            drifts.append(self.measure_drift(task))
+            self._export(task)
             counts = result.counts
             for name, accuracies in result.per_task.items():
                 rows.setdefault(name, []).append(accuracies + [math.nan] * (self.split.num_tasks - task - 1))
             self.writer.log({"type": "task", "task": task + 1, "accuracy": result.overall,
-                             "accuracy_per_task": result.per_task, "runtime_s": runtimes[-1],
-                             "peak_memory_mb": peak_memory_mb(self.device)})
+                             "accuracy_per_task": result.per_task, "geodesic_drift": drifts[-1],
+                             "runtime_s": runtimes[-1], "peak_memory_mb": peak_memory_mb(self.device),
+                             **self.learner.task_log()})
             logger.info("task %d/%d done in %.1f s: %s", task + 1, self.split.num_tasks, runtimes[-1],
                         ", ".join(f"{k} {v:.2f}%" for k, v in result.overall.items()))
-        return self._metrics(rows, counts, runtimes)
+        return self._metrics(rows, counts, runtimes, drifts)
 
-    def _metrics(self, rows: dict[str, list[list[float]]], counts: list[int], runtimes: list[float]) -> dict:
+    def _export(self, task: int) -> None:
+        exports = self.learner.task_exports()
+        logging_config = self.config.logging
+        if logging_config.save_prototypes and "prototypes" in exports:
+            classes = torch.as_tensor(self.split.class_order[: self.split.seen_classes(task).stop])
+            self.writer.export(task, "prototypes", {**exports["prototypes"], "class_ids": classes})
+        if logging_config.save_U and "U" in exports:
+            self.writer.export(task, "U", exports["U"])
+
+    @torch.no_grad()
+    def measure_drift(self, task: int) -> float | None:
+        """Return the mean geodesic drift of old classes' prototypes after ``task``, in radians.
+
+        Drift of class c is d(μ_c at the end of its own task, μ_c under the current weights),
+        both estimated on the same seeded subset of c's training images. This reads old
+        classes' data for evaluation only; nothing computed here reaches the learner.
+        """
+        per_class = self.config.eval.drift_samples_per_class
+        if per_class == 0:
+            return None
+        self.learner.eval()
+
+        def class_means_of(owner: int) -> torch.Tensor:
+            dataset = self.data.train_set(owner, augment=False, max_per_class=per_class, seed=self.config.seed)
+            loader = self._loader(dataset, shuffle=False, batch_size=self.config.train.eval_batch_size)
+            return class_mean_directions(self.learner.embed, loader, self.split.task_classes(owner), self.device)
+
+        self._drift_reference.append(class_means_of(task))
+        if task == 0:
+            return None
+        current = torch.cat([class_means_of(owner) for owner in range(task)])
+        reference = torch.cat(self._drift_reference[:task])
+        return float(self.learner.sphere.dist(current, reference).mean())
+
+    def _metrics(self, rows: dict[str, list[list[float]]], counts: list[int], runtimes: list[float],
+                 drifts: list[float | None]) -> dict:
         predictors = {name: summarize(matrix, counts) for name, matrix in rows.items()}
-        headline = self.learner.headline if self.learner.headline in predictors else next(iter(predictors))
+        headline = self.config.eval.headline if self.config.eval.headline in predictors else next(iter(predictors))
         metrics = dict(predictors[headline])
         metrics.update({
             "headline": headline,
@@ -131,6 +172,9 @@ class IncrementalTrainer:
                                  for r in map(self.split.task_classes, range(self.split.num_tasks))],
             "test_counts": counts,
             "runtime_s": runtimes,
+            "geodesic_drift": drifts,
+            "stability_gap": [None if old is None else old - new
+                              for old, new in zip(metrics["a_old"], metrics["a_new"])],
             "peak_memory_mb": peak_memory_mb(self.device),
             "method": self.learner.name,
             "seed": self.config.seed,
@@ -140,6 +184,10 @@ class IncrementalTrainer:
     def train_task(self, context: TaskContext) -> None:
         """Run the learner's start hook, every epoch of the task, then its end hook."""
         optimizer = self.learner.start_task(context)
+        if optimizer is None:
+            # A learner without trainable parameters (nearest class mean) only estimates.
+            self.learner.end_task(context)
+            return
         train = self.config.train
         loader = self._loader(self.data.train_set(context.task), shuffle=True, batch_size=train.batch_size,
                               seed_offset=1000 * (context.task + 1))
@@ -179,8 +227,8 @@ class IncrementalTrainer:
                 parameters = [p for group in optimizer.param_groups for p in group["params"]]
                 torch.nn.utils.clip_grad_norm_(parameters, self.config.train.grad_clip)
             optimizer.step()
-            self.learner.after_step(images, labels, step)
-            terms = {"loss": output.loss.item(), **output.terms}
+            extra = self.learner.after_step(images, labels, step)
+            terms = {"loss": output.loss.item(), **output.terms, **extra}
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + value
             batches += 1

@@ -163,9 +163,10 @@ def load_torchvision_cifar100(root: Path, *, download: bool) -> DatasetSplits:
     try:
         train = CIFAR100(str(root), train=True, download=download)
         test = CIFAR100(str(root), train=False, download=download)
-    except RuntimeError as error:
+    except (RuntimeError, OSError) as error:
         raise DataError(
-            f"CIFAR-100 not found in {root} ({error}); set data.download=true, or use data.source=npz with arrays"
+            f"CIFAR-100 not found in {root} and not downloaded ({type(error).__name__}: {error}); "
+            "set data.download=true with network access, or use data.source=npz with local arrays"
         ) from error
     return DatasetSplits(
         train=ImageArrays(np.asarray(train.data), np.asarray(train.targets, dtype=np.int64)),

@@ -39,15 +39,26 @@ class IncrementalData:
             chosen.append(np.sort(rng.permutation(members)[:cap]) if len(members) > cap else members)
         return np.sort(np.concatenate(chosen))
 
+    def _capped_indices_among(self, indices: np.ndarray, cap: int, seed: int) -> np.ndarray:
+        labels = np.full(len(self.train_labels), -1, dtype=np.int64)
+        labels[indices] = self.train_labels[indices]
+        return self._capped_indices(labels, cap, seed)
+
     def train_indices_of(self, task: int) -> np.ndarray:
         """Return the source indices of task ``task``'s training images."""
         classes = self.class_split.task_classes(task)
         labels = self.train_labels[self.train_indices]
         return self.train_indices[(labels >= classes.start) & (labels < classes.stop)]
 
-    def train_set(self, task: int, *, augment: bool = True) -> Dataset:
-        """Return the training images of task ``task`` only, augmented or with test-time transforms."""
+    def train_set(self, task: int, *, augment: bool = True, max_per_class: int | None = None,
+                  seed: int = 0) -> Dataset:
+        """Return the training images of task ``task`` only, augmented or with test-time transforms.
+
+        ``max_per_class`` keeps a seeded subset of at most that many images per class.
+        """
         indices = self.train_indices_of(task)
+        if max_per_class is not None:
+            indices = self._capped_indices_among(indices, max_per_class, seed)
         return make_dataset(self.splits.train, indices, self.train_labels[indices], train=augment,
                             augment=self.augment if augment else "none", input_size=self.input_size)
 
@@ -55,13 +66,6 @@ class IncrementalData:
         """Return the test images of every class seen up to and including task ``task``."""
         seen = self.class_split.seen_classes(task)
         indices = np.flatnonzero((self.test_labels >= 0) & (self.test_labels < seen.stop))
-        return make_dataset(self.splits.test, indices, self.test_labels[indices], train=False,
-                            augment="none", input_size=self.input_size)
-
-    def test_set_of_task(self, task: int) -> Dataset:
-        """Return the test images of task ``task``'s classes only."""
-        classes = self.class_split.task_classes(task)
-        indices = np.flatnonzero((self.test_labels >= classes.start) & (self.test_labels < classes.stop))
         return make_dataset(self.splits.test, indices, self.test_labels[indices], train=False,
                             augment="none", input_size=self.input_size)
 

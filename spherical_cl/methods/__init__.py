@@ -1,10 +1,13 @@
 """Incremental learners, by the name the config's ``method`` key uses."""
 
 from spherical_cl.methods.base import LossOutput, StepInfo, TaskContext
+from spherical_cl.methods.drs_sphere import HypersphericalDRS
+from spherical_cl.methods.linear_drs import LinearDRS
+from spherical_cl.methods.ncm import NearestClassMean
 from spherical_cl.methods.seq_lora import SequentialLoRA
 
 LEARNERS = {
-    SequentialLoRA.name: SequentialLoRA,
+    learner.name: learner for learner in (NearestClassMean, SequentialLoRA, LinearDRS, HypersphericalDRS)
 }
 
 
@@ -13,4 +16,5 @@ def build_learner(config, backbone):
     return LEARNERS[config.method](config, backbone)
 
 
-__all__ = ["LEARNERS", "LossOutput", "SequentialLoRA", "StepInfo", "TaskContext", "build_learner"]
+__all__ = ["LEARNERS", "HypersphericalDRS", "LinearDRS", "LossOutput", "NearestClassMean", "SequentialLoRA",
+           "StepInfo", "TaskContext", "build_learner"]

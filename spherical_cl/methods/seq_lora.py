@@ -36,7 +36,6 @@ class SequentialLoRA(nn.Module):
     """
 
     name = "seq_lora"
-    headline = "classifier"
 
     def __init__(self, config: ExperimentConfig, backbone: Backbone) -> None:
         super().__init__()
@@ -99,8 +98,9 @@ class SequentialLoRA(nn.Module):
         loss = F.cross_entropy(task_logits, labels - self.current_classes.start)
         return LossOutput(loss, {"ce": loss.item()})
 
-    def after_step(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> None:
-        """Update running statistics after an optimizer step; nothing for this learner."""
+    def after_step(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, float]:
+        """Update running statistics after an optimizer step; return extra values for the epoch log."""
+        return {}
 
     def end_task(self, context: TaskContext) -> None:
         """Fold the adapter into the backbone and store the task's class prototypes."""
@@ -114,6 +114,14 @@ class SequentialLoRA(nn.Module):
         """Return the normalised class means of the task's classes under the current weights."""
         self.eval()
         return class_mean_directions(self.embed, context.feature_loader(), context.classes, context.device)
+
+    def task_log(self) -> dict[str, float]:
+        """Return per-task values for the log (for example the rank of U_t)."""
+        return {}
+
+    def task_exports(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Return named groups of tensors to export after a task (see docs/method.md)."""
+        return {"prototypes": {"prototypes": self.prototypes.detach().cpu().contiguous()}}
 
     # Prediction -----------------------------------------------------------------------
 

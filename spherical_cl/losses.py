@@ -1,0 +1,79 @@
+"""Losses on unit embeddings and the schedules of their hyper-parameters."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from manifolds import Sphere
+
+_SPHERE = Sphere()
+
+
+def anneal(start: float, end: float, progress: float, schedule: str = "linear") -> float:
+    """Interpolate from ``start`` to ``end`` as ``progress`` goes from 0 to 1.
+
+    ``schedule`` is ``linear``, ``cosine`` (slow at both ends) or ``none`` (always ``end``).
+    """
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "none":
+        return end
+    if schedule == "cosine":
+        progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+    elif schedule != "linear":
+        raise ValueError(f"unknown schedule {schedule!r}; use linear, cosine or none")
+    return start + (end - start) * progress
+
+
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor, kind: str = "geodesic") -> torch.Tensor:
+    """Return distances (N, M) between unit vectors x (N, D) and y (M, D).
+
+    ``geodesic`` is the great-circle angle from :class:`manifolds.Sphere`, exact and with
+    finite gradients at 0 and π; ``chordal`` is the Euclidean distance ‖x − y‖.
+    """
+    if kind == "geodesic":
+        return _SPHERE.dist(x.unsqueeze(1), y.unsqueeze(0))
+    if kind == "chordal":
+        # Through the same exact difference as the geodesic, so the gradient at 0 is finite.
+        difference = x.unsqueeze(1) - y.unsqueeze(0)
+        squared = (difference * difference).sum(-1)
+        return torch.where(squared > 0, squared.clamp_min(torch.finfo(squared.dtype).tiny).sqrt(),
+                           torch.zeros_like(squared))
+    raise ValueError(f"unknown distance {kind!r}; use geodesic or chordal")
+
+
+def angular_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, margin: float,
+                         old_prototypes: torch.Tensor | None = None, distance: str = "geodesic") -> torch.Tensor:
+    """Batch-hard triplet loss on the sphere, with old-class prototypes as extra negatives.
+
+    For each anchor a: the hardest positive is the farthest other sample of its class in
+    the batch; the hardest negative is the nearest of the batch's samples of other classes
+    and the stored old-class prototypes. The loss is the mean over anchors that have a
+    positive and a negative of max(0, d(a, p) − d(a, n) + margin). Returns 0 (with a
+    gradient path) when no anchor qualifies.
+
+    Args:
+        embeddings: unit embeddings (B, D).
+        labels: class labels (B,).
+        margin: margin in the units of ``distance`` (radians for geodesic).
+        old_prototypes: unit prototypes (C_old, D) of classes learned in earlier tasks.
+        distance: ``geodesic`` or ``chordal``.
+    """
+    distances = pairwise_distance(embeddings, embeddings, distance)
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    not_self = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive_mask = same & not_self
+    has_positive = positive_mask.any(dim=1)
+    hardest_positive = torch.where(positive_mask, distances, torch.zeros_like(distances)).amax(dim=1)
+
+    infinity = torch.full_like(distances, math.inf)
+    negative = torch.where(~same, distances, infinity).amin(dim=1)
+    if old_prototypes is not None and len(old_prototypes):
+        to_prototypes = pairwise_distance(embeddings, old_prototypes.to(embeddings.dtype), distance)
+        negative = torch.minimum(negative, to_prototypes.amin(dim=1))
+    valid = has_positive & torch.isfinite(negative)
+    if not valid.any():
+        return embeddings.sum() * 0.0
+    hinge = torch.relu(hardest_positive[valid] - negative[valid] + margin)
+    return hinge.mean()
