@@ -34,11 +34,13 @@ def test_dry_run_prints_plan_without_writing(tmp_path):
         ("projection.k_max=0", "projection.k_max is out of range"),
         ("data.num_tasks=11", "more than the 10 classes"),
         ("model.backbone=vit_mikro", "vit_micro"),
+        ("method=drs_sphere projection.k_max=64", "must be smaller than the embedding size 64"),
+        ("data.source=npz data.root=/nonexistent", "dataset root not found: /nonexistent"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, override, fragment):
     run_dir = tmp_path / "run"
-    result = run_cli("--config", str(DEMO), "--run-dir", str(run_dir), override)
+    result = run_cli("--config", str(DEMO), "--run-dir", str(run_dir), *override.split())
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ")

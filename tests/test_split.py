@@ -21,6 +21,7 @@ def test_permutation_is_seeded():
     assert first.class_order == second.class_order
     assert first.class_order != other.class_order
     assert sorted(first.class_order) == list(range(100))
+    assert first.class_order[:5] == (68, 56, 78, 8, 23)
 
 
 def test_larger_first_task_and_classes_per_task():
