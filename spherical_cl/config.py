@@ -147,8 +147,8 @@ class LossConfig:
 class LinearDRSConfig:
     energy: float = option(0.99, "Cumulative eigenvalue energy that splits each layer's input space.", gt=0, le=1)
     subspace: str = option(
-        "null", "Project updates onto the eigenvectors past the energy split (null) or up to it (principal).",
-        choices=("null", "principal"),
+        "nullspace", "Project updates onto the eigenvectors past the energy split (nullspace) or up to it (principal).",
+        choices=("nullspace", "principal"),
     )
     normalize_projector: bool = option(True, "Divide the projector by its Frobenius norm, as the published code does.")
     project_B: bool = option(True, "Also project B's update on the left (per d_in block of its rows).")

@@ -3,7 +3,7 @@
 For each adapted layer, the uncentred covariance of its input over all tokens is computed
 under the LoRA⁻ view. Its leading eigenvectors U, the fewest that reach
 ``linear_drs.energy`` of the eigenvalue sum, split the input space. With
-``linear_drs.subspace=null`` (the default) updates are projected onto the remaining
+``linear_drs.subspace=nullspace`` (the default) updates are projected onto the remaining
 eigenvectors, P = I − U Uᵀ, as in the Adam-NSCL optimizer the published code builds on
 (Wang et al., CVPR 2021), so the adapter barely responds to inputs in the span of the
 features under LoRA⁻; ``principal`` uses P = U Uᵀ. With
@@ -103,7 +103,7 @@ class LinearDRS(SequentialLoRA):
             basis = result.basis.float()
             projector = basis @ basis.t()
             rank = result.k
-            if settings.subspace == "null":
+            if settings.subspace == "nullspace":
                 projector = torch.eye(accumulator.dim, device=projector.device) - projector
                 rank = accumulator.dim - result.k
             if rank == 0:
