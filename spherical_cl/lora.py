@@ -108,7 +108,7 @@ class TaskAdapters:
         """Add the active adapter's ΔW into the base weights and deactivate it.
 
         Raises:
-            FloatingPointError: ΔW of some layer holds NaN or Inf; nothing is changed then.
+            FloatingPointError: ΔW of some layer contains NaN or Inf. Nothing is changed then.
         """
         name = self.active
         if name is None:

@@ -47,8 +47,8 @@ def angular_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, *, marg
                          old_prototypes: torch.Tensor | None = None, distance: str = "geodesic") -> torch.Tensor:
     """Batch-hard triplet loss on the sphere, with old-class prototypes as extra negatives.
 
-    For each anchor a: the hardest positive is the farthest other sample of its class in
-    the batch; the hardest negative is the nearest of the batch's samples of other classes
+    For each anchor a, the hardest positive is the farthest other sample of its class in
+    the batch. The hardest negative is the nearest of the batch's samples of other classes
     and the stored old-class prototypes. The loss is the mean over anchors that have a
     positive and a negative of max(0, d(a, p) − d(a, n) + margin). Returns 0 (with a
     gradient path) when no anchor qualifies.

@@ -32,14 +32,14 @@ def default_run_dir(config_path: str | Path | None, root: str | Path = "runs") -
 
 
 def prepare_run_dir(path: Path, *, overwrite: bool = False) -> None:
-    """Create the run directory, or reject one that holds a finished run or is not writable.
+    """Create the run directory, or reject one that contains a finished run or is not writable.
 
     Raises:
-        RunDirError: ``path`` holds ``metrics.json`` and ``overwrite`` is off, or it cannot
+        RunDirError: ``path`` contains ``metrics.json`` and ``overwrite`` is off, or it cannot
             be created or written.
     """
     if (path / "metrics.json").exists() and not overwrite:
-        raise RunDirError(f"{path} already holds a finished run (metrics.json); pass --overwrite or another --run-dir")
+        raise RunDirError(f"{path} already contains a finished run (metrics.json); pass --overwrite or choose another --run-dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"

@@ -80,4 +80,4 @@ def test_demo_run_writes_results(tmp_path):
 
     again = run_cli("--config", str(DEMO), "--run-dir", str(run_dir), *FAST)
     assert again.returncode == 2
-    assert "already holds a finished run" in again.stderr
+    assert "already contains a finished run" in again.stderr

@@ -26,7 +26,7 @@ CIFAR100_TRAIN_PER_CLASS = 500
 
 @dataclass
 class ExperimentPlan:
-    """What a run would do, without loading weights or training."""
+    """The plan of a run (split, backbone, trainable size), built without weights or training."""
 
     split: ClassSplit
     backbone: str
@@ -53,7 +53,7 @@ class ExperimentPlan:
 
 
 def build_data(config: ExperimentConfig, input_size: int, *, download: bool | None = None) -> IncrementalData:
-    """Load the dataset and split it into tasks as the config says."""
+    """Load the dataset and split it into tasks by the ``data`` section of the config."""
     data = config.data
     splits = load_source(data.source, data.root, train_list=data.train_list, test_list=data.test_list,
                          download=data.download if download is None else download)

@@ -65,7 +65,7 @@ def build_class_split(
 
     ``classes_per_task`` takes precedence over ``num_tasks``. With ``first_task_classes``
     the first task is that large and the rest is divided evenly. Classes left over by an
-    uneven division go to the first or last task when ``remainder`` says so.
+    uneven division go to the first or last task when ``remainder`` is ``first`` or ``last``.
 
     Raises:
         ConfigError: the numbers do not partition the classes, or the explicit order is

@@ -13,8 +13,8 @@ from spherical_cl.data.split import ClassSplit
 class IncrementalData:
     """The datasets of each task, with labels remapped to positions in the class order.
 
-    The training set of task ``t`` holds only task ``t``'s classes. The test set after task
-    ``t`` holds every class seen so far, so accuracy is measured over all of them.
+    The training set of task ``t`` contains only task ``t``'s classes. The test set after task
+    ``t`` contains every class seen so far, so accuracy is measured over all of them.
     """
 
     def __init__(self, splits: DatasetSplits, class_split: ClassSplit, *, input_size: int,

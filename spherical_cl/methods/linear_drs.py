@@ -9,9 +9,9 @@ eigenvectors, P = I − U Uᵀ, as in the Adam-NSCL optimizer the published code
 features under LoRA⁻; ``principal`` uses P = U Uᵀ. With
 ``linear_drs.normalize_projector`` P is divided by its Frobenius norm (√rank), as the
 published code does, which shrinks every step by that factor. The optimizer
-wrapper applies P to the Adam *update* of the task's LoRA matrices: A's update (r, d_in)
-on the right and, with ``linear_drs.project_B``, B's update (d_out, r) on the left, block
-by block when d_out is a multiple of d_in (a fused qkv layer). The first task is not
+wrapper applies P to the Adam *update* of the task's LoRA matrices, A's update (r, d_in)
+on the right. With ``linear_drs.project_B`` it also applies P to B's update (d_out, r) on
+the left, block by block when d_out is a multiple of d_in (a fused qkv layer). The first task is not
 projected. Training uses cross-entropy on a per-task linear head plus the triplet loss
 with old prototypes as negatives; prototypes are computed once after each task.
 """
