@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from spherical_cl.config import ExperimentConfig
 from spherical_cl.data import IncrementalData
+from spherical_cl.errors import ConfigError
 from spherical_cl.features import class_mean_directions
 from spherical_cl.methods.base import StepInfo, TaskContext
 from spherical_cl.metrics import summarize
@@ -40,10 +41,20 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """Return the device for ``train.device``: 'auto' picks CUDA when available, else CPU."""
+    """Return the device for ``train.device``: 'auto' picks CUDA when available, else CPU.
+
+    Raises:
+        ConfigError: the name is not a device, or it names CUDA on a machine without it.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"invalid train.device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+    return device
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -134,7 +134,3 @@ class SequentialLoRA(nn.Module):
             # Nearest prototype by geodesic distance is the largest cosine.
             predictions["ncm"] = (embeddings @ self.prototypes.t()).argmax(dim=1)
         return predictions
-
-    def trainable_parameter_count(self) -> int:
-        """Return the number of parameters the current task trains."""
-        return sum(p.numel() for group in (self.optimizer.param_groups if self.optimizer else []) for p in group["params"])
