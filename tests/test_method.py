@@ -205,3 +205,25 @@ def test_arcface_logits_hand_computed():
     fallback = head.logits(far, torch.tensor([0]), scale=10.0, margin=0.2)
     torch.testing.assert_close(fallback[0, 0], torch.tensor(10 * (math.cos(3.0) - 0.2 * math.sin(0.2))), atol=1e-5,
                                rtol=0)
+
+
+def test_non_finite_loss_stops_with_diagnosis(tmp_path):
+    from spherical_cl.methods.base import LossOutput
+    from spherical_cl.results import RunWriter
+    from trainers.incremental import IncrementalTrainer, NonFiniteLossError
+
+    config, learner, data, context = _setup("drs_sphere", "logging.progress=false", "train.epochs_main=1")
+
+    def exploding_loss(images, labels, step):
+        value = learner.embed(images).sum() * float("nan")
+        return LossOutput(value, {"ce": float("nan"), "triplet": 0.25})
+
+    learner.training_loss = exploding_loss
+    trainer = IncrementalTrainer(config, learner, data, RunWriter(tmp_path), torch.device("cpu"))
+    with pytest.raises(NonFiniteLossError) as caught:
+        trainer.run()
+    message = str(caught.value)
+    assert "task 1, epoch 1, step 1" in message
+    assert "ce=nan" in message and "triplet=0.25" in message
+    assert "train.lr" in message and "loss.m_end" in message
+    assert not (tmp_path / "metrics.json").exists()
