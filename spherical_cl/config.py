@@ -156,6 +156,17 @@ class LinearDRSConfig:
 
 
 @dataclass
+class VAEConfig:
+    enabled: bool = option(
+        False, "Add the spCauchy-VAE head (ablation row 7): head, triplet, prototypes and projection use its latent."
+    )
+    latent_dim: int = option(64, "Size k of the latent, a unit vector in R^k.", ge=2)
+    hidden_dim: int = option(256, "Width of the hidden layer of the encoder and of the decoder.", ge=1)
+    beta: float = option(0.01, "Weight beta of the VAE terms: loss += beta * (reconstruction + KL).", ge=0)
+    lr: float = option(1e-3, "Learning rate of the encoder and decoder, separate from train.lr.", gt=0)
+
+
+@dataclass
 class EvalConfig:
     headline: str = option("ncm", "Predictor reported as the headline in metrics.json.", choices=("ncm", "classifier"))
     drift_samples_per_class: Optional[int] = option(
@@ -184,6 +195,7 @@ class ExperimentConfig:
     projection: ProjectionConfig = option(default_factory=ProjectionConfig)
     loss: LossConfig = option(default_factory=LossConfig)
     linear_drs: LinearDRSConfig = option(default_factory=LinearDRSConfig)
+    vae: VAEConfig = option(default_factory=VAEConfig)
     eval: EvalConfig = option(default_factory=EvalConfig)
     logging: LoggingConfig = option(default_factory=LoggingConfig)
 
@@ -345,6 +357,22 @@ def _check_cross_field(config: ExperimentConfig) -> None:
         raise ConfigError(f"data.root is required for data.source={data.source!r}; set it to the dataset directory")
     if config.train.epochs_warm + config.train.epochs_main == 0 and config.method != "ncm":
         raise ConfigError("train.epochs_warm + train.epochs_main is 0; train for at least one epoch")
+    _check_vae(config)
+
+
+def _check_vae(config: ExperimentConfig) -> None:
+    vae, projection = config.vae, config.projection
+    if not vae.enabled:
+        return
+    if config.method != "drs_sphere":
+        raise ConfigError(f"vae.enabled=true needs method=drs_sphere, got method={config.method!r}; "
+                          "set method=drs_sphere or vae.enabled=false")
+    if projection.use_U and projection.k_max >= vae.latent_dim:
+        raise ConfigError(
+            f"projection.k_max={projection.k_max} must be smaller than vae.latent_dim={vae.latent_dim}, because "
+            f"U_t lives in a tangent space of the latent sphere, of dimension {vae.latent_dim - 1}; lower "
+            "projection.k_max or raise vae.latent_dim"
+        )
 
 
 def to_dict(config: ExperimentConfig) -> dict:

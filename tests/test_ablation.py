@@ -37,8 +37,13 @@ def test_rows_are_cumulative_presets():
     assert configs["4"].loss.triplet_lambda == 0.4 and not configs["4"].prototypes.ema
     assert configs["5"].prototypes.ema and configs["5"].train.epochs_warm == 0
     assert configs["6"].train.epochs_warm == 2 and configs["6"].loss.anneal == "linear"
-    with pytest.raises(ConfigError, match="spCauchy-VAE"):
-        row_overrides("7", base)
+    seven = load_config(None, ["train.epochs_warm=2", "train.epochs_main=3", "loss.triplet_lambda=0.4",
+                               *row_overrides("7", base), "projection.k_max=16"])
+    assert seven.vae.enabled
+    assert not configs["6"].vae.enabled
+    seven.vae.enabled = False
+    seven.projection.k_max = configs["6"].projection.k_max
+    assert seven == configs["6"]
 
 
 def test_summary_mean_and_std():
@@ -77,6 +82,6 @@ def test_ablation_command_runs_and_skips_finished_rows(tmp_path):
     assert "finished earlier" in second.stderr
     assert (out / "row-0" / "seed-0" / "metrics.json").stat().st_mtime_ns == stamp
 
-    bad = subprocess.run([*args[:6], "ncm,7", *args[7:]], cwd=REPO, capture_output=True, text=True, timeout=600)
+    bad = subprocess.run([*args[:6], "ncm,8", *args[7:]], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2
-    assert "spCauchy-VAE" in bad.stderr.splitlines()[-1]
+    assert "unknown ablation rows ['8']" in bad.stderr.splitlines()[-1]

@@ -53,7 +53,7 @@ def test_demo_run_writes_results(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("--config", str(DEMO), "--run-dir", str(run_dir), *FAST)
     assert result.returncode == 0, result.stderr
-    assert "headline (classifier)" in result.stdout
+    assert "headline (ncm)" in result.stdout
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ("acc_matrix", "acc_per_task", "avg_acc", "final_acc", "bwt", "forgetting", "a_old", "a_new",

@@ -12,21 +12,28 @@ Per task t (see docs/method.md for the equations and the config key of each symb
    the sample's μ (warm-up) and then onto U_t transported to μ (main phase).
 5. After each step the base points move by EMA; after the task the class prototypes are
    re-estimated under the final weights.
+
+With ``vae.enabled`` (ablation row 7), the spCauchy-VAE head of :mod:`spherical_cl.vae`
+maps the unit embedding to a latent on S^{k−1}. Then :meth:`HypersphericalDRS.embed` returns
+the posterior location, and every step above works in the latent space.
 """
 
 from __future__ import annotations
 
 import logging
 
+import geoopt
 import torch
 import torch.nn.functional as F
 
 from manifolds import TangentPCA, TangentSubspaceProjector
 from spherical_cl.errors import ConfigError
+from spherical_cl.heads import ArcFaceHead
 from spherical_cl.losses import anneal, angular_triplet_loss
 from spherical_cl.methods.base import LossOutput, StepInfo, TaskContext
 from spherical_cl.methods.seq_lora import SequentialLoRA
 from spherical_cl.prototypes import BasePoints, class_means, estimate_base_points, mean_direction
+from spherical_cl.vae import SphericalCauchyVAE
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +45,20 @@ class HypersphericalDRS(SequentialLoRA):
 
     def __init__(self, config, backbone) -> None:
         super().__init__(config, backbone)
+        self.vae: SphericalCauchyVAE | None = None
+        space_dim = backbone.embed_dim
+        space_name = f"the embedding size {backbone.embed_dim} of {config.model.backbone}"
+        if config.vae.enabled:
+            # The head, the prototypes, the base points and U_t all live on the latent sphere.
+            space_dim, space_name = config.vae.latent_dim, f"vae.latent_dim={config.vae.latent_dim}"
+            self.vae = SphericalCauchyVAE(backbone.embed_dim, space_dim, config.vae.hidden_dim)
+            self.head = ArcFaceHead(space_dim)
+            self.prototypes = geoopt.ManifoldTensor(torch.empty(0, space_dim), manifold=self.sphere)
         k_max = config.projection.k_max
-        if config.projection.use_U and k_max >= backbone.embed_dim:
+        if config.projection.use_U and k_max >= space_dim:
             raise ConfigError(
-                f"projection.k_max={k_max} must be smaller than the embedding size {backbone.embed_dim} of "
-                f"{config.model.backbone}; U_t lives in a tangent space of dimension {backbone.embed_dim - 1}"
+                f"projection.k_max={k_max} must be smaller than {space_name}; "
+                f"U_t lives in a tangent space of dimension {space_dim - 1}"
             )
         self.base_points: BasePoints | None = None
         self.tangent_projector = TangentSubspaceProjector()
@@ -51,6 +67,17 @@ class HypersphericalDRS(SequentialLoRA):
         self._last_embeddings: torch.Tensor | None = None
         self._task_log: dict[str, float] = {}
         self._last_projector: TangentSubspaceProjector | None = None
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Map uint8 images (B, 3, H, W) to the unit vectors the method works on, in float32.
+
+        These are the unit embeddings (B, D), or with the VAE head the posterior locations
+        (B, k). Prototypes, base points, U_t, prediction and the drift measure all use them.
+        """
+        embeddings = super().embed(images)
+        if self.vae is None:
+            return embeddings
+        return self.vae.encode_location(embeddings)
 
     # Drift-resistant space ------------------------------------------------------------
 
@@ -122,7 +149,12 @@ class HypersphericalDRS(SequentialLoRA):
             self._task_log.update({"k": float(basis.shape[1]), "energy": energy})
             logger.info("task %d: U_t has rank %d and captures %.3f of the tangent energy",
                         context.task + 1, basis.shape[1], energy)
-        return super().start_task(context)
+        optimizer = super().start_task(context)
+        if self.vae is not None:
+            # Each task's optimizer trains the encoder and decoder along with the new adapter.
+            optimizer.add_param_group({"params": list(self.vae.parameters()), "lr": self.config.vae.lr,
+                                       "weight_decay": self.config.train.wd})
+        return optimizer
 
     def initial_head_weights(self, context: TaskContext) -> torch.Tensor:
         """New class weights start at the class means under LoRA⁻, which are on the sphere."""
@@ -144,7 +176,14 @@ class HypersphericalDRS(SequentialLoRA):
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> LossOutput:
         loss_config = self.config.loss
-        embeddings = self.embed(images)
+        posterior = None
+        if self.vae is None:
+            embeddings = self.embed(images)
+        else:
+            features = super().embed(images)
+            posterior = self.vae.posterior(features)
+            # The hook below goes on the location, which every latent sample is computed from.
+            embeddings = posterior.loc
         projector = self.projector_for(step)
         if projector is not None and embeddings.requires_grad:
             # The hook sits on the unit embedding that is still connected to the backbone,
@@ -153,9 +192,11 @@ class HypersphericalDRS(SequentialLoRA):
             embeddings.register_hook(projector.hook(mu))
         self._last_projector = projector
         self._last_embeddings = embeddings.detach()
+        # Training draws the latent from the posterior; evaluation uses its location (embed).
+        latent = embeddings if posterior is None else posterior.rsample()
 
         scale, margin = self.scale_and_margin(step)
-        logits = self.head.logits(embeddings, labels, scale=scale, margin=margin)
+        logits = self.head.logits(latent, labels, scale=scale, margin=margin)
         if loss_config.ce_classes == "current":
             classes = self.current_classes
             logits, targets = logits[:, classes.start:classes.stop], labels - classes.start
@@ -166,10 +207,15 @@ class HypersphericalDRS(SequentialLoRA):
         terms = {"ce": cross_entropy.item(), "s": scale, "m": margin}
         loss = cross_entropy
         if step.phase == "main" and loss_config.triplet_lambda > 0:
-            triplet = angular_triplet_loss(embeddings, labels, margin=loss_config.triplet_margin,
+            triplet = angular_triplet_loss(latent, labels, margin=loss_config.triplet_margin,
                                            old_prototypes=self.prototypes, distance=loss_config.triplet_distance)
             loss = loss + loss_config.triplet_lambda * triplet
             terms["triplet"] = triplet.item()
+        if posterior is not None:
+            vae_losses = self.vae.losses(posterior, latent, features)
+            loss = loss + self.config.vae.beta * (vae_losses.reconstruction + vae_losses.kl)
+            terms.update({"reconstruction": vae_losses.reconstruction.item(), "kl": vae_losses.kl.item(),
+                          "rho": posterior.rho.mean().item()})
         return LossOutput(loss, terms)
 
     def after_step(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, float]:
