@@ -16,7 +16,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from spherical_cl.errors import ConfigError, UserError
+from spherical_cl.errors import ConfigError, RunDirError, UserError
 
 logger = logging.getLogger("spherical_cl.ablate")
 
@@ -34,14 +34,18 @@ COLUMNS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spherical_cl.presets import ROW_DESCRIPTIONS
+
+    rows = "; ".join(f"{row}: {text}" for row, text in ROW_DESCRIPTIONS.items())
     parser = argparse.ArgumentParser(prog="python -m spherical_cl.ablate",
-                                     description="Run rows of the ablation matrix and tabulate them.")
+                                     description=f"Run rows of the ablation matrix and tabulate them. Rows: {rows}.")
     parser.add_argument("--config", required=True, help="Base YAML config; each row overrides some of its keys.")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Overrides applied to every row.")
     parser.add_argument("--rows", default="ncm,0-6", help="Rows to run, e.g. ncm,0-6 or 1,3 (default: ncm,0-6).")
     parser.add_argument("--seeds", default="0", help="Comma-separated training seeds (default: 0).")
     parser.add_argument("--out", type=Path, default=None, help="Output directory (default: runs/ablation-<config>).")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="Logging level of the console.")
     parser.add_argument("--debug", action="store_true", help="Show the traceback of input errors.")
     return parser
 
@@ -56,6 +60,9 @@ def parse_seeds(text: str) -> list[int]:
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    bad = [seed for seed in seeds if not 0 <= seed < 2**32]
+    if bad:
+        raise ConfigError(f"--seeds {bad} are out of range; seeds must be in 0..2**32-1")
     if not seeds:
         raise ConfigError("--seeds is empty; give e.g. --seeds 0,1,2")
     return list(dict.fromkeys(seeds))
@@ -135,9 +142,36 @@ def plot_ablation(rows: dict[str, list[dict]], path: Path) -> None:
     plt.close(figure)
 
 
+def read_finished_run(run_dir: Path, config) -> dict | None:
+    """Return the metrics of a finished run of ``config`` in ``run_dir``, or None if it has none.
+
+    Raises:
+        RunDirError: the directory holds a finished run of another config, or unreadable
+            metrics; reusing either would mix results.
+    """
+    from spherical_cl.config import config_hash
+
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.exists():
+        return None
+    try:
+        metrics = json.loads(metrics_path.read_text())
+        recorded = json.loads((run_dir / "run_info.json").read_text())["config_hash"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RunDirError(f"cannot reuse the finished run in {run_dir} ({type(error).__name__}: {error}); "
+                          "delete that directory to run it again") from None
+    if recorded != config_hash(config):
+        raise RunDirError(f"{run_dir} holds a run of a different config than this ablation asks for; use "
+                          "another --out or delete that directory")
+    missing = [key for key in ("final_acc", "avg_acc", "acc_per_task", "runtime_s") if key not in metrics]
+    if missing:
+        raise RunDirError(f"{metrics_path} lacks {missing}; delete {run_dir} to run it again")
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ablation command line; return the process exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
@@ -168,10 +202,10 @@ def _run(args: argparse.Namespace) -> int:
     results: dict[str, list[dict]] = {row: [] for row in rows}
     for (row, seed), config in plans.items():
         run_dir = out / f"row-{row}" / f"seed-{seed}"
-        metrics_path = run_dir / "metrics.json"
-        if metrics_path.exists():
-            logger.info("row %s seed %d: finished earlier, reading %s", row, seed, metrics_path)
-            results[row].append(json.loads(metrics_path.read_text()))
+        finished = read_finished_run(run_dir, config)
+        if finished is not None:
+            logger.info("row %s seed %d: finished earlier, reading %s", row, seed, run_dir / "metrics.json")
+            results[row].append(finished)
             continue
         logger.info("row %s seed %d: %s", row, seed, ROW_DESCRIPTIONS[row])
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class BackboneSpec:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     input_size: int | None = None
+    has_weights: bool = True
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -60,7 +62,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "vit_micro": BackboneSpec(
         "timm", "vit_tiny_patch16_224",
         kwargs=dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=32,
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=32, has_weights=False,
     ),
     "mobilenet_v2": BackboneSpec("torchvision", "mobilenet_v2", lora_targets=MOBILENET_V2_POINTWISE,
                                  weights="IMAGENET1K_V1"),
@@ -133,11 +135,26 @@ def build_backbone(name: str, *, pretrained: bool, checkpoint: str | None = None
             loaded (for example, no network and no local copy).
     """
     spec = resolve_spec(name)
+    check_weights_available(name, pretrained=pretrained, checkpoint=checkpoint)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise BackboneError(f"model.checkpoint file not found: {checkpoint}")
     if spec.library == "timm":
         return _build_timm(spec, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size)
     return _build_torchvision(spec, pretrained=pretrained, checkpoint=checkpoint, img_size=img_size)
+
+
+def check_weights_available(name: str, *, pretrained: bool, checkpoint: str | None) -> None:
+    """Raise BackboneError when pretrained weights are requested for a backbone that has none."""
+    spec = resolve_spec(name)
+    if pretrained and checkpoint is None and not spec.has_weights:
+        raise BackboneError(f"backbone {name!r} has no pretrained weights; set model.pretrained=false "
+                            "or give model.checkpoint")
+
+
+def _checkpoint_error(checkpoint: str, error: Exception) -> BackboneError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return BackboneError(f"cannot load model.checkpoint {checkpoint} into this backbone ({first_line}); "
+                         "check that the file holds a state dict of the same architecture")
 
 
 def _offline_hint(name: str) -> str:
@@ -158,9 +175,12 @@ def _build_timm(spec: BackboneSpec, *, pretrained: bool, checkpoint: str | None,
         kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint))
     try:
         model = timm.create_model(spec.name, pretrained=pretrained or checkpoint is not None, num_classes=0, **kwargs)
-    except (OSError, RuntimeError, ValueError) as error:
-        if pretrained or checkpoint is not None:
-            raise BackboneError(f"{_offline_hint(spec.name)} ({type(error).__name__}: {error})") from error
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as error:
+        if checkpoint is not None:
+            raise _checkpoint_error(checkpoint, error) from None
+        if pretrained:
+            first_line = str(error).strip().splitlines()[0]
+            raise BackboneError(f"{_offline_hint(spec.name)} ({type(error).__name__}: {first_line})") from None
         raise
     config = timm.data.resolve_data_config({}, model=model)
     input_spec = InputSpec(
@@ -181,10 +201,14 @@ def _build_torchvision(spec: BackboneSpec, *, pretrained: bool, checkpoint: str 
             else torchvision.models.get_model_weights(spec.name).DEFAULT
     try:
         model = torchvision.models.get_model(spec.name, weights=weights)
-        if checkpoint is not None:
-            model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     except (OSError, RuntimeError, ValueError) as error:
-        raise BackboneError(f"{_offline_hint(spec.name)} ({type(error).__name__}: {error})") from error
+        first_line = str(error).strip().splitlines()[0]
+        raise BackboneError(f"{_offline_hint(spec.name)} ({type(error).__name__}: {first_line})") from None
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+            raise _checkpoint_error(checkpoint, error) from None
     embed_dim = _drop_classifier(model)
     mean, std, default_size = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224
     if weights is not None:

@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ class DataConfig:
         "permutation", "Class order across tasks.", choices=("identity", "permutation", "explicit")
     )
     class_list: Optional[list[int]] = option(None, "Explicit class order when class_order is 'explicit'.")
-    order_seed: int = option(1993, "Seed of the class permutation, independent of the training seed.")
+    order_seed: int = option(1993, "Seed of the class permutation, independent of the training seed.", ge=0, lt=2**32)
     max_train_per_class: Optional[int] = option(
         None, "Cap on training images per class (seeded subset), for quick proxies.", ge=1
     )
@@ -184,7 +185,7 @@ class LoggingConfig:
 
 @dataclass
 class ExperimentConfig:
-    seed: int = option(0, "Seed of python, numpy and torch.")
+    seed: int = option(0, "Seed of python, numpy and torch.", ge=0, lt=2**32)
     method: str = option(
         "seq_lora", "Incremental learner.", choices=("ncm", "seq_lora", "linear_drs", "drs_sphere")
     )
@@ -211,21 +212,32 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Exper
         merged = _merge(merged, _read_yaml(Path(path)), source=str(path))
     if overrides:
         merged = _merge(merged, _parse_overrides(overrides), source="command line")
-    config = OmegaConf.to_object(merged)
+    try:
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        # Interpolations such as ${oc.env:NAME} are resolved here.
+        first_line = str(error).strip().splitlines()[0]
+        raise ConfigError(f"cannot resolve config value {error.full_key or ''}: {first_line}; "
+                          "use plain values instead of ${...} interpolations") from None
     validate(config)
     return config
 
 
 def _read_yaml(path: Path) -> DictConfig:
+    if path.is_dir():
+        raise ConfigError(f"config path {path} is a directory; pass a YAML file with --config")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}; pass an existing YAML file with --config")
     try:
         loaded = OmegaConf.load(path)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     except OSError as error:
-        raise ConfigError(f"cannot read config file {path}: {error}; it must hold a YAML mapping of keys") from None
+        raise ConfigError(f"cannot read config file {path}: {error}; it must contain a YAML mapping of keys") from None
     except (yaml.YAMLError, OmegaConfBaseException) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise ConfigError(f"cannot parse config file {path}: {first_line}") from error
+        # YAML errors span several lines (problem, context, position); keep them on one.
+        text = " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
+        raise ConfigError(f"cannot parse config file {path}: {text}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {path} must contain a mapping of keys, got {type(loaded).__name__}")
     return loaded
@@ -248,7 +260,11 @@ def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
         key = error.full_key or str(error.key)
         raise ConfigError(f"unknown config key {key!r} in {source}{_suggest_keys(key)}") from None
     except OmegaConfBaseException as error:
-        key = error.full_key or str(error.key)
+        key = error.full_key or (str(error.key) if error.key is not None else "")
+        if not key:
+            first_line = str(error).strip().splitlines()[0]
+            raise ConfigError(f"invalid config in {source}: {first_line}; sections such as 'train' must be mappings"
+                              ) from None
         expected = _expected_type(key)
         raise ConfigError(
             f"invalid value {error.value!r} for {key} in {source}: expected {expected}"
@@ -261,12 +277,21 @@ def _resolve_type(owner: type, name: str) -> Any:
 
 def _expected_type(dotted_key: str) -> str:
     owner: Any = ExperimentConfig
+    # A list element such as "data.class_list[0]" has the element type of the list.
+    element = dotted_key.endswith("]")
+    dotted_key = re.sub(r"\[\d+\]$", "", dotted_key)
     try:
         for part in dotted_key.split("."):
             annotation = _resolve_type(owner, part)
             owner = annotation
     except (KeyError, TypeError):
         return "a value of the schema's type"
+    if element:
+        arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
+        lists = [a for a in arguments if typing.get_origin(a) is list] or [annotation]
+        inner = typing.get_args(lists[0])
+        if inner:
+            return _type_name(inner[0])
     return _type_name(annotation)
 
 
@@ -392,7 +417,7 @@ def config_hash(config: ExperimentConfig) -> str:
 
 
 def describe_keys() -> list[tuple[str, str, str]]:
-    """Return ``(dotted_key, default, help)`` for every key, for ``--help-config``."""
+    """Return ``(dotted_key, default, help)`` for every key, for ``--list-keys``."""
     rows = []
     for key, value, f in iter_fields(ExperimentConfig()):
         rows.append((key, repr(value), f.metadata.get("help", "")))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 from typing import Iterator
 
@@ -58,6 +59,28 @@ class TaskAdapters:
         unfolded = [name for name in self.names if name not in self.folded]
         return unfolded[-1] if unfolded else None
 
+    def check_targets(self) -> None:
+        """Raise ConfigError unless the target names select at least one module of the model.
+
+        The rule follows peft: a list entry matches a module whose name equals it or ends
+        with ``.entry``, and a string is a regex that must match the whole name.
+        """
+        targets = self.lora_config.target_modules
+        if not isinstance(targets, str):
+            targets = sorted(targets)  # peft stores a list as a set.
+        names = [name for name, _ in self.model.named_modules() if name]
+        if isinstance(targets, str):
+            matched = [name for name in names if re.fullmatch(targets, name)]
+        else:
+            matched = [name for name in names if any(name == t or name.endswith(f".{t}") for t in targets)]
+        if not matched:
+            leaves = sorted({name.rsplit(".", 1)[-1] for name, module in self.model.named_modules()
+                             if isinstance(module, (nn.Linear, nn.Conv2d))})
+            raise ConfigError(
+                f"model.lora_targets={targets!r} matches no module of the backbone; linear and convolution "
+                f"modules end in: {', '.join(leaves[:12])}"
+            )
+
     def layers(self) -> dict[str, LoraLayer]:
         """Return the adapted layers by module name."""
         return {name: module for name, module in self.model.named_modules() if isinstance(module, LoraLayer)}
@@ -78,8 +101,9 @@ class TaskAdapters:
             try:
                 inject_adapter_in_model(self.lora_config, self.model, adapter_name=name)
             except ValueError as error:
+                reason = str(error).strip().rstrip(".")
                 raise ConfigError(
-                    f"cannot add LoRA to model.lora_targets={self.lora_config.target_modules!r}: {error}; "
+                    f"cannot add LoRA to model.lora_targets={self.lora_config.target_modules!r}: {reason}; "
                     "set model.lora_targets to the names of linear or 1x1 convolution modules, such as 'qkv'"
                 ) from None
         self.names.append(name)

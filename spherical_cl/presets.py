@@ -71,8 +71,10 @@ def parse_rows(text: str) -> list[str]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "-" in part:
             first, _, last = part.partition("-")
-            if not (first.isdigit() and last.isdigit()) or int(first) > int(last):
-                raise ConfigError(f"invalid row range {part!r}; write it as e.g. 0-6")
+            numbered = [row for row in ROW_ORDER if row.isdigit()]
+            if first not in numbered or last not in numbered or int(first) > int(last):
+                raise ConfigError(f"invalid row range {part!r}; write it as e.g. 0-6 with rows "
+                                  f"{numbered[0]} to {numbered[-1]}")
             rows += [str(r) for r in range(int(first), int(last) + 1)]
         else:
             rows.append(part)

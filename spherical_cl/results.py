@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import subprocess
 import time
 from importlib import metadata
@@ -22,6 +23,9 @@ from spherical_cl.errors import RunDirError
 
 logger = logging.getLogger(__name__)
 
+# What a run writes; a new run in the same directory removes these first.
+RUN_FILES = ("metrics.json", "log.jsonl", "config.yaml", "run_info.json")
+RUN_FOLDERS = ("plots", "exports")
 PACKAGES = ("torch", "torchvision", "timm", "peft", "geoopt", "numpy", "scikit-learn", "omegaconf", "spherical-cl")
 
 
@@ -34,22 +38,30 @@ def default_run_dir(config_path: str | Path | None, root: str | Path = "runs") -
 def prepare_run_dir(path: Path, *, overwrite: bool = False) -> None:
     """Create the run directory, or reject one that contains a finished run or is not writable.
 
+    Outputs of an earlier run in the same directory (a crashed one, or a finished one with
+    ``overwrite``) are removed first, so the new run's log and exports are its own.
+
     Raises:
-        RunDirError: ``path`` contains ``metrics.json`` and ``overwrite`` is off, or it cannot
-            be created or written.
+        RunDirError: ``path`` is empty, contains ``metrics.json`` and ``overwrite`` is off,
+            or it cannot be created or written.
     """
+    if not str(path).strip():
+        raise RunDirError("the run directory is an empty path; give a directory name")
     if (path / "metrics.json").exists() and not overwrite:
-        raise RunDirError(f"{path} already contains a finished run (metrics.json); pass --overwrite or choose another --run-dir")
+        raise RunDirError(f"{path} already contains a finished run (metrics.json); pass --overwrite or choose "
+                          "another output directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
-        raise RunDirError(f"cannot write to run directory {path}: {error.strerror}; choose another --run-dir") from None
-    if overwrite:
-        for name in ("metrics.json", "log.jsonl"):
-            (path / name).unlink(missing_ok=True)
+        raise RunDirError(f"cannot write to run directory {path}: {error.strerror}; choose another output "
+                          "directory") from None
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(path / name, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

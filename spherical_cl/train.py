@@ -13,7 +13,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from spherical_cl.errors import UserError
+from spherical_cl.errors import RunDirError, UserError
 
 logger = logging.getLogger("spherical_cl.train")
 
@@ -25,10 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m spherical_cl.train",
         description="Train a class-incremental experiment task by task and write its results.",
     )
-    parser.add_argument("--config", required=True, help="YAML experiment config.")
+    parser.add_argument("--config", help="YAML experiment config (required unless --list-keys).")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="Config overrides in dotted form, e.g. train.lr=3e-4 data.num_tasks=20.")
-    parser.add_argument("--run-dir", type=Path, default=None,
+    parser.add_argument("--list-keys", action="store_true",
+                        help="Print every config key with its default and help, then exit.")
+    parser.add_argument("--run-dir", default=None,
                         help="Output directory (default: runs/<config name>-<date>-<time>).")
     parser.add_argument("--dry-run", action="store_true",
                         help="Validate the config, build the task split and print the plan; load no weights.")
@@ -47,7 +49,16 @@ def configure_logging(level: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.list_keys:
+        from spherical_cl.config import describe_keys
+
+        for key, default, help_text in describe_keys():
+            print(f"{key} = {default}\n    {help_text}")
+        return 0
+    if args.config is None:
+        parser.error("the following arguments are required: --config")
     configure_logging(args.log_level)
     # torch 2.14 deprecates torch.jit.script, which torchvision still calls at import time.
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
@@ -72,7 +83,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan_experiment(config).describe())
         return 0
-    run_dir = args.run_dir or default_run_dir(args.config)
+    if args.run_dir is not None and not args.run_dir.strip():
+        raise RunDirError("--run-dir is empty; give a directory name")
+    run_dir = Path(args.run_dir) if args.run_dir is not None else default_run_dir(args.config)
     try:
         metrics = run_experiment(config, run_dir, overwrite=args.overwrite)
     except NonFiniteLossError as error:

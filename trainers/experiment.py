@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from spherical_cl.backbones import build_backbone
+from spherical_cl.backbones import build_backbone, check_weights_available
 from spherical_cl.config import ExperimentConfig
 from spherical_cl.errors import DataError
 from spherical_cl.data import ClassSplit, IncrementalData, build_class_split, load_source
@@ -78,6 +78,8 @@ def _build_split(config: ExperimentConfig, num_classes: int) -> ClassSplit:
 
 def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
     """Build the split and the architecture (random weights, no download) and describe the run."""
+    check_weights_available(config.model.backbone, pretrained=config.model.pretrained,
+                            checkpoint=config.model.checkpoint)
     backbone = build_backbone(config.model.backbone, pretrained=False, img_size=config.model.img_size)
     try:
         # A dry run downloads nothing.

@@ -86,7 +86,8 @@ class IncrementalTrainer:
         self.device = device
         self.split = data.class_split
         self.task_of_label = torch.as_tensor(self.split.task_of_label(), device=device)
-        self.show_progress = config.logging.progress
+        # None lets tqdm hide the bars when stderr is not a terminal, so logs stay readable.
+        self._progress_disabled = None if config.logging.progress else True
         self._drift_reference: list[torch.Tensor] = []
 
     # Loaders --------------------------------------------------------------------------
@@ -204,7 +205,7 @@ class IncrementalTrainer:
                               seed_offset=1000 * (context.task + 1))
         num_epochs = train.epochs_warm + train.epochs_main
         epochs = tqdm(range(num_epochs), desc=f"task {context.task + 1}/{context.num_tasks}", unit="epoch",
-                      disable=not self.show_progress, leave=False)
+                      disable=self._progress_disabled, leave=False)
         for epoch in epochs:
             phase = "warmup" if epoch < train.epochs_warm else "main"
             step = StepInfo(task=context.task, epoch=epoch, num_epochs=num_epochs, phase=phase)
@@ -225,7 +226,7 @@ class IncrementalTrainer:
         totals: dict[str, float] = {}
         batches = 0
         bar = tqdm(loader, desc=f"epoch {step.epoch + 1}/{step.num_epochs}", unit="batch",
-                   disable=not self.show_progress, leave=False)
+                   disable=self._progress_disabled, leave=False)
         for batch_index, (images, labels) in enumerate(bar):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
@@ -273,7 +274,7 @@ class IncrementalTrainer:
         loader = self._loader(self.data.test_set(task), shuffle=False, batch_size=self.config.train.eval_batch_size)
         correct: dict[str, torch.Tensor] = {}
         totals = torch.zeros(task + 1, dtype=torch.long, device=self.device)
-        for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=not self.show_progress,
+        for images, labels in tqdm(loader, desc="evaluate", unit="batch", disable=self._progress_disabled,
                                    leave=False):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)

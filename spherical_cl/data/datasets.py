@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from spherical_cl.data.sources import ImageArrays, ImageList, ImageSource
+from spherical_cl.errors import DataError
 
 # Test-time resize of file images before the centre crop (the usual 224/256 ratio).
 CENTER_CROP_FRACTION = 0.875
@@ -61,8 +62,11 @@ class FileImageDataset(Dataset):
         from PIL import Image
 
         path = self.files.root / self.files.paths[self.indices[item]]
-        with Image.open(path) as image:
-            tensor = self.transform(image.convert("RGB"))
+        try:
+            with Image.open(path) as image:
+                tensor = self.transform(image.convert("RGB"))
+        except (OSError, Image.DecompressionBombError) as error:
+            raise DataError(f"cannot decode image {path}: {error}; remove it from the split file or replace it") from None
         return tensor, int(self.labels[item])
 
 

@@ -9,6 +9,7 @@ time: the digits split is a fixed seeded stratified split, the others come from 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,12 +99,12 @@ def load_npz(root: Path) -> DatasetSplits:
     train, train_names = _read_npz(root / "train.npz")
     test, _ = _read_npz(root / "test.npz")
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    _check_classes_present(train.labels, num_classes, root / "train.npz")
     if train_names is not None and len(train_names) < num_classes:
         raise DataError(
             f"{root / 'train.npz'}: 'classes' names {len(train_names)} classes but labels go up to {num_classes - 1}"
         )
     names = list(train_names) if train_names is not None else [str(c) for c in range(num_classes)]
-    _check_classes_present(train.labels, num_classes, root / "train.npz")
     return DatasetSplits(train=train, test=test, num_classes=num_classes, class_names=names)
 
 
@@ -117,8 +118,10 @@ def _read_npz(path: Path) -> tuple[ImageArrays, list[str] | None]:
                 raise DataError(f"{path} lacks array(s) {missing}; it has {archive.files}, needs x (N,H,W,C) and y (N,)")
             images, labels = archive["x"], archive["y"]
             names = [str(n) for n in archive["classes"]] if "classes" in archive.files else None
-    except (OSError, ValueError) as error:
-        raise DataError(f"cannot read {path}: {error}") from error
+    except (OSError, ValueError, EOFError) as error:
+        # numpy reports a file that is not an npz archive as pickled data; say what it is.
+        raise DataError(f"cannot read {path} as an .npz archive of arrays x and y ({type(error).__name__}); "
+                        "write it with numpy.savez") from None
     return ImageArrays(_checked_images(images, path), _checked_labels(labels, len(images), path)), names
 
 
@@ -131,6 +134,10 @@ def _checked_images(images: np.ndarray, path: Path) -> np.ndarray:
         )
     if images.dtype != np.uint8:
         raise DataError(f"{path}: x has dtype {images.dtype}; expected uint8 pixels in 0..255")
+    if len(images) == 0:
+        raise DataError(f"{path}: x holds no images; each split needs at least one")
+    if min(images.shape[1:3]) == 0:
+        raise DataError(f"{path}: images have size {images.shape[1]}x{images.shape[2]}; both sides must be >= 1")
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     return images
@@ -149,11 +156,16 @@ def _checked_labels(labels: np.ndarray, count: int, path: Path) -> np.ndarray:
 
 
 def _check_classes_present(labels: np.ndarray, num_classes: int, path: Path) -> None:
-    missing = np.setdiff1d(np.arange(num_classes), labels)
-    if len(missing):
-        raise DataError(
-            f"{path}: classes {missing[:5].tolist()} have no training images; labels must cover 0..{num_classes - 1}"
-        )
+    # np.unique keeps memory bounded by the number of images even for a label of 10**9.
+    present = np.unique(labels)
+    if len(present) == num_classes:
+        return
+    gaps = np.flatnonzero(np.diff(np.concatenate([[-1], present])) > 1)
+    first_missing = [int(present[i - 1] + 1) if i else 0 for i in gaps[:5]]
+    raise DataError(
+        f"{path}: labels go up to {num_classes - 1} but only {len(present)} classes have training images "
+        f"(first missing: {first_missing}); labels must cover 0..C-1 without gaps"
+    )
 
 
 def load_torchvision_cifar100(root: Path, *, download: bool) -> DatasetSplits:
@@ -196,21 +208,25 @@ def load_imagefolder(root: Path, train_list: str, test_list: str) -> DatasetSpli
 def _read_split_file(root: Path, split_file: Path) -> ImageList:
     if not split_file.is_file():
         raise DataError(f"split file not found: {split_file}; see docs/data.md for the imagefolder layout")
+    try:
+        text = split_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{split_file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     paths, labels = [], []
-    for number, line in enumerate(split_file.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         path, _, label = line.rpartition(" ")
-        if not path or not label.lstrip("-").isdigit():
-            raise DataError(f"{split_file}:{number}: expected 'relative/path label', got {line!r}")
+        if not path or not re.fullmatch(r"-?[0-9]+", label):
+            raise DataError(f"{split_file}:{number}: expected 'relative/path label' with an integer label, got {line!r}")
         if int(label) < 0:
             raise DataError(f"{split_file}:{number}: negative label {label}; labels must be 0..C-1")
         paths.append(path)
         labels.append(int(label))
     if not paths:
         raise DataError(f"{split_file} lists no images")
-    missing = [p for p in paths[:1000] if not (root / p).is_file()]
+    missing = [p for p in paths if not (root / p).is_file()]
     if missing:
-        raise DataError(f"{split_file}: {missing[0]!r} not found under {root} ({len(missing)} of the first 1000 missing)")
+        raise DataError(f"{split_file}: {missing[0]!r} not found under {root} ({len(missing)} of {len(paths)} missing)")
     return ImageList(root=root, paths=paths, labels=np.asarray(labels, dtype=np.int64))

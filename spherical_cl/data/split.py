@@ -91,10 +91,13 @@ def build_class_split(
         if tasks_after_first < 0 or (tasks_after_first == 0 and rest > 0):
             raise ConfigError(f"data.num_tasks={num_tasks} leaves no task for the {rest} classes after the first task")
         if tasks_after_first > rest:
-            raise ConfigError(
-                f"data.num_tasks={num_tasks} is more than the {total} classes allow; use at most "
-                f"{rest + (1 if first else 0)} tasks"
-            )
+            if first:
+                raise ConfigError(
+                    f"data.num_tasks={num_tasks} with data.first_task_classes={first} leaves {rest} classes for "
+                    f"{tasks_after_first} tasks; use at most {rest + 1} tasks or a smaller first task"
+                )
+            raise ConfigError(f"data.num_tasks={num_tasks} is more than the {total} classes allow; use at most "
+                              f"{total} tasks")
         per_task = rest // tasks_after_first if tasks_after_first else 0
         sizes = [per_task] * tasks_after_first
         left = rest - per_task * tasks_after_first

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from manifolds import TangentPCA, TangentSubspaceProjector
-from spherical_cl.errors import ConfigError
+from spherical_cl.errors import ConfigError, DataError
 from spherical_cl.heads import ArcFaceHead
 from spherical_cl.losses import anneal, angular_triplet_loss
 from spherical_cl.methods.base import LossOutput, StepInfo, TaskContext
@@ -127,7 +127,14 @@ class HypersphericalDRS(SequentialLoRA):
         vectors = self.sphere.transp(mu, center.expand_as(mu), self.sphere.logmap(mu, embeddings))
         pca = TangentPCA(embeddings.shape[1], device=embeddings.device)
         pca.update(vectors)
-        result = pca.solve(projection.pca_energy, projection.k_max, base_point=center)
+        try:
+            result = pca.solve(projection.pca_energy, projection.k_max, base_point=center)
+        except ValueError as error:
+            # Every sample sits on its base point, e.g. one image per class with per-class prototypes.
+            raise DataError(
+                f"cannot build U_t from {len(embeddings)} embeddings ({error}); use more images per class "
+                "(data.max_train_per_class), fewer base points (prototypes.mode=global), or projection.use_U=false"
+            ) from None
         return result.basis.float(), center, result.energy
 
     # Task lifecycle -------------------------------------------------------------------

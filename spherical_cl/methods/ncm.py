@@ -17,6 +17,7 @@ class NearestClassMean(SequentialLoRA):
     """
 
     name = "ncm"
+    trains_adapters = False
 
     def start_task(self, context: TaskContext) -> None:
         """Train nothing; the trainer skips the epochs when no optimizer is returned."""

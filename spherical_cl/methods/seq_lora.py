@@ -36,6 +36,7 @@ class SequentialLoRA(nn.Module):
     """
 
     name = "seq_lora"
+    trains_adapters = True
 
     def __init__(self, config: ExperimentConfig, backbone: Backbone) -> None:
         super().__init__()
@@ -44,10 +45,12 @@ class SequentialLoRA(nn.Module):
         spec = backbone.input_spec
         self.preprocess = BatchPreprocessor(spec.input_size, spec.mean, spec.std)
         targets = config.model.lora_targets or backbone.spec.lora_targets
-        if not targets:
+        if not targets and self.trains_adapters:
             raise ConfigError(f"backbone {config.model.backbone!r} has no default LoRA targets; set model.lora_targets")
         self.adapters = TaskAdapters(backbone.model, targets, rank=config.model.lora_rank,
                                      alpha=config.model.lora_alpha, dropout=config.model.lora_dropout)
+        if self.trains_adapters:
+            self.adapters.check_targets()
         self.sphere = Sphere()
         self.head = ArcFaceHead(backbone.embed_dim)
         self.prototypes = geoopt.ManifoldTensor(torch.empty(0, backbone.embed_dim), manifold=self.sphere)
