@@ -161,7 +161,8 @@ class VAEConfig:
     enabled: bool = option(
         False, "Add the spCauchy-VAE head (ablation row 7): head, triplet, prototypes and projection use its latent."
     )
-    latent_dim: int = option(64, "Size k of the latent, a unit vector in R^k.", ge=2)
+    # The tangent PCA of the latent keeps a k x k float64 matrix, so k is capped.
+    latent_dim: int = option(64, "Size k of the latent, a unit vector in R^k.", ge=2, le=4096)
     hidden_dim: int = option(256, "Width of the hidden layer of the encoder and of the decoder.", ge=1)
     beta: float = option(0.01, "Weight beta of the VAE terms: loss += beta * (reconstruction + KL).", ge=0)
     lr: float = option(1e-3, "Learning rate of the encoder and decoder, separate from train.lr.", gt=0)

@@ -25,8 +25,8 @@ r_n = (1 − d/2)_n / (d/2)_n (Pochhammer symbols), the mean over the sphere of
 
     g(ρ) = E_u log ‖u + ρμ‖² = −Σ_{n≥1} r_n ρ^{2n} / n.
 
-Every |r_n| < 1 and |r_n| decreases in n. For even d the series ends at n = d/2 − 1. For
-odd d it is cut where |r_n| < 1e-20 or after 4096 terms, and the cut changes the KL by less
+Every abs(r_n) < 1, and abs(r_n) decreases in n. For even d the series ends at n = d/2 − 1. For
+odd d it is cut where abs(r_n) < 1e-20 or after 4096 terms, and the cut changes the KL by less
 than 2e-8 (worst at d = 3, ρ → 1, where r_n ≈ −1/(4n²)). The series is summed in float64.
 
 **KL to the uniform.** Because T_a(y) = u, the log-density ratio at y = T_{−a}(u) is
@@ -131,7 +131,7 @@ def _pochhammer_ratios(dim: int) -> torch.Tensor:
     """Return r_n = (1 − d/2)_n / (d/2)_n for n = 1 … N in float64 on the CPU, (N,).
 
     N is d/2 − 1 for even d, where r_n = 0 from n = d/2 on. For odd d the table stops
-    before the first |r_n| below 1e-20, or after 4096 terms.
+    before the first abs(r_n) below 1e-20, or after 4096 terms.
     """
     half = dim / 2
     count = dim // 2 - 1 if dim % 2 == 0 else _MAX_TERMS
@@ -179,7 +179,7 @@ def spherical_cauchy_kl_to_uniform(rho: torch.Tensor, dim: int) -> torch.Tensor:
     and is differentiable in ρ.
 
     Args:
-        rho: Concentrations in [0, 1), any shape (...,).
+        rho: Concentrations in [0, 1), any shape (...,); a float is taken as a float64 tensor.
         dim: The ambient dimension d ≥ 2 of the sphere S^{d−1}.
 
     Returns:
@@ -189,6 +189,8 @@ def spherical_cauchy_kl_to_uniform(rho: torch.Tensor, dim: int) -> torch.Tensor:
         ValueError: ``rho`` is outside [0, 1) or ``dim`` is not an integer ≥ 2.
     """
     _check_dim(dim)
+    if not isinstance(rho, torch.Tensor):
+        rho = torch.as_tensor(rho, dtype=torch.float64)
     _check_rho(rho)
     out_dtype = _compute_dtype(rho.dtype)
     wide = rho.to(_series_dtype(rho.device))
@@ -215,6 +217,8 @@ def spherical_cauchy_mean_resultant_length(rho: torch.Tensor, dim: int) -> torch
         ValueError: ``rho`` is outside [0, 1) or ``dim`` is not an integer ≥ 2.
     """
     _check_dim(dim)
+    if not isinstance(rho, torch.Tensor):
+        rho = torch.as_tensor(rho, dtype=torch.float64)
     _check_rho(rho)
     out_dtype = _compute_dtype(rho.dtype)
     wide = rho.to(_series_dtype(rho.device))
@@ -250,6 +254,8 @@ class HypersphericalUniform(Distribution):
         _check_dim(dim)
         self._dim = dim
         self._dtype = dtype or torch.get_default_dtype()
+        if not self._dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype for points on the sphere, got {self._dtype}")
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         super().__init__(torch.Size(batch_shape), torch.Size([dim]), validate_args=validate_args)
 

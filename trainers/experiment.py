@@ -41,7 +41,8 @@ class ExperimentPlan:
         lines = [
             f"backbone: {self.backbone} (embedding {self.embed_dim}, input {self.input_size} px, "
             f"{self.lora_layers} LoRA layers)",
-            f"trainable parameters per task: {self.trainable_parameters:,} (adapter and head of the first task)",
+            f"trainable parameters per task: {self.trainable_parameters:,} (adapter, head and any VAE head of the "
+            "first task)",
             f"tasks: {self.split.num_tasks}, classes: {self.split.num_classes}",
         ]
         for task in range(self.split.num_tasks):
@@ -96,7 +97,9 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
         train_images = [per_class * size for size in split.task_sizes]
     learner = build_learner(config, backbone)
     adapter_size = sum(p.numel() for p in learner.adapters.add_task(0))
-    head_size = split.task_sizes[0] * backbone.embed_dim
+    vae = getattr(learner, "vae", None)
+    vae_size = sum(p.numel() for p in vae.parameters()) if vae is not None else 0
+    head_size = split.task_sizes[0] * learner.head.embed_dim + vae_size
     return ExperimentPlan(
         split=split,
         backbone=config.model.backbone,
