@@ -12,15 +12,13 @@ import json
 import logging
 import math
 import sys
-import traceback
-import warnings
 from pathlib import Path
 
-from spherical_cl.errors import ConfigError, RunDirError, UserError
+from spherical_cl.cli import configure_logging, run_reporting_input_errors
+from spherical_cl.errors import ConfigError, RunDirError
 
 logger = logging.getLogger("spherical_cl.ablate")
 
-EXIT_USER_ERROR = 2
 COLUMNS = (
     ("final_acc", "final acc (%)"),
     ("avg_acc", "avg acc (%)"),
@@ -172,16 +170,8 @@ def read_finished_run(run_dir: Path, config) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     """Run the ablation command line; return the process exit code."""
     args = build_parser().parse_intermixed_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-    try:
-        return _run(args)
-    except UserError as error:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    configure_logging(args.log_level)
+    return run_reporting_input_errors(_run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -9,15 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
-import warnings
 from pathlib import Path
 
-from spherical_cl.errors import RunDirError, UserError
+from spherical_cl.cli import configure_logging, run_reporting_input_errors
+from spherical_cl.errors import RunDirError
 
 logger = logging.getLogger("spherical_cl.train")
-
-EXIT_USER_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,11 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     parser = build_parser()
@@ -60,15 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None:
         parser.error("the following arguments are required: --config")
     configure_logging(args.log_level)
-    # torch 2.14 deprecates torch.jit.script, which torchvision still calls at import time.
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-    try:
-        return _run(args)
-    except UserError as error:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run_reporting_input_errors(_run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

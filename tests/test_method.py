@@ -83,8 +83,8 @@ def test_adapter_receives_exactly_the_projected_gradient(phase):
     expected = torch.autograd.grad(z, parameters, grad_outputs=projector.project(g, mu), retain_graph=True)
     unprojected = torch.autograd.grad(z, parameters, grad_outputs=g)
 
-    for actual, wanted, raw in zip(projected_grads, expected, unprojected):
-        torch.testing.assert_close(actual, wanted, atol=1e-6, rtol=1e-5)
+    for actual, expected_grad in zip(projected_grads, expected):
+        torch.testing.assert_close(actual, expected_grad, atol=1e-6, rtol=1e-5)
     difference = sum((a - r).abs().sum() for a, r in zip(projected_grads, unprojected))
     assert difference > 1e-6, "the projection must change the adapter gradient"
     # At the first step B = 0, so only the B factors (odd positions) receive a gradient.
