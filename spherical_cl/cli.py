@@ -1,4 +1,4 @@
-"""What the command-line entry points share: logging set-up and the input-error exit."""
+"""Logging set-up and the input-error exit shared by the command-line entry points."""
 
 from __future__ import annotations
 
