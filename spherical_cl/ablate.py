@@ -141,11 +141,11 @@ def plot_ablation(rows: dict[str, list[dict]], path: Path) -> None:
 
 
 def read_finished_run(run_dir: Path, config) -> dict | None:
-    """Return the metrics of a finished run of ``config`` in ``run_dir``, or None if it has none.
+    """Return the metrics of a finished run of ``config`` in ``run_dir``, or None if it has no metrics.json.
 
     Raises:
-        RunDirError: the directory holds a finished run of another config, or unreadable
-            metrics; reusing either would mix results.
+        RunDirError: the directory contains a finished run of another config, or unreadable
+            metrics. Reusing either would mix results.
     """
     from spherical_cl.config import config_hash
 
@@ -159,7 +159,7 @@ def read_finished_run(run_dir: Path, config) -> dict | None:
         raise RunDirError(f"cannot reuse the finished run in {run_dir} ({type(error).__name__}: {error}); "
                           "delete that directory to run it again") from None
     if recorded != config_hash(config):
-        raise RunDirError(f"{run_dir} holds a run of a different config than this ablation asks for; use "
+        raise RunDirError(f"{run_dir} contains a run of a different config than this ablation requests; use "
                           "another --out or delete that directory")
     missing = [key for key in ("final_acc", "avg_acc", "acc_per_task", "runtime_s") if key not in metrics]
     if missing:

@@ -136,7 +136,8 @@ def _pochhammer_ratios(dim: int) -> torch.Tensor:
     half = dim / 2
     count = dim // 2 - 1 if dim % 2 == 0 else _MAX_TERMS
     n = torch.arange(1, count + 1, dtype=torch.float64)
-    # Each factor has absolute value below 1, so the product underflows to 0 and never overflows.
+    # |n − d/2| < d/2 + n − 1 for n ≥ 1 and d ≥ 2, so each factor is below 1 in absolute value
+    # and the product can only underflow to 0, never overflow.
     ratios = torch.cumprod((n - half) / (half + n - 1), dim=0)
     small = torch.nonzero(ratios.abs() < _COEFFICIENT_CUTOFF)
     if len(small):

@@ -23,7 +23,7 @@ from spherical_cl.errors import RunDirError
 
 logger = logging.getLogger(__name__)
 
-# What a run writes; a new run in the same directory removes these first.
+# Outputs of a run. A new run in the same directory removes them first.
 RUN_FILES = ("metrics.json", "log.jsonl", "config.yaml", "run_info.json")
 RUN_FOLDERS = ("plots", "exports")
 PACKAGES = ("torch", "torchvision", "timm", "peft", "geoopt", "numpy", "scikit-learn", "omegaconf", "spherical-cl")

@@ -41,3 +41,43 @@ def write_npz_dataset(root: Path, *, classes: int = 6, per_class: int = 12, test
 @pytest.fixture
 def npz_dataset(tmp_path) -> Path:
     return write_npz_dataset(tmp_path / "npz")
+
+
+def build_digits_learner(*overrides: str):
+    """Return (config, learner, data, context) for a micro ViT learner on digits in 5 tasks.
+
+    ``context(task)`` builds the TaskContext of that task on the CPU.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from spherical_cl.backbones import build_backbone
+    from spherical_cl.config import load_config
+    from spherical_cl.data import IncrementalData, build_class_split, load_source
+    from spherical_cl.methods import TaskContext, build_learner
+
+    torch.manual_seed(0)
+    config = load_config(None, ["model.lora_rank=4", "model.lora_alpha=4", "data.num_tasks=5",
+                                "data.class_order=identity", *overrides])
+    backbone = build_backbone("vit_micro", pretrained=False)
+    data = IncrementalData(load_source("digits", None), build_class_split(10, num_tasks=5, class_order="identity"),
+                           input_size=32)
+    learner = build_learner(config, backbone)
+
+    def context(task: int) -> TaskContext:
+        return TaskContext(task=task, num_tasks=5, classes=data.class_split.task_classes(task),
+                           seen=data.class_split.seen_classes(task),
+                           feature_loader=lambda: DataLoader(data.train_set(task, augment=False), batch_size=64),
+                           device=torch.device("cpu"))
+
+    return config, learner, data, context
+
+
+def digits_batch(data, task: int, size: int = 24):
+    """Return one seeded batch (images, labels) of task ``task``'s training images."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(data.train_set(task, augment=False), batch_size=size, shuffle=True,
+                        generator=torch.Generator().manual_seed(1))
+    return next(iter(loader))

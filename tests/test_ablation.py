@@ -33,10 +33,13 @@ def test_rows_are_cumulative_presets():
     two = configs["2"]
     assert (two.method, two.projection.use_U, two.loss.anneal, two.prototypes.ema, two.loss.triplet_lambda,
             two.train.epochs_warm) == ("drs_sphere", False, "none", False, 0.0, 0)
-    assert configs["3"].projection.use_U and configs["3"].loss.triplet_lambda == 0.0
-    assert configs["4"].loss.triplet_lambda == 0.4 and not configs["4"].prototypes.ema
+    assert configs["3"].projection.use_U
+    assert configs["3"].loss.triplet_lambda == 0.0
+    assert configs["4"].loss.triplet_lambda == 0.4
+    assert not configs["4"].prototypes.ema
     assert configs["5"].prototypes.ema and configs["5"].train.epochs_warm == 0
-    assert configs["6"].train.epochs_warm == 2 and configs["6"].loss.anneal == "linear"
+    assert configs["6"].train.epochs_warm == 2
+    assert configs["6"].loss.anneal == "linear"
     seven = load_config(None, ["train.epochs_warm=2", "train.epochs_main=3", "loss.triplet_lambda=0.4",
                                *row_overrides("7", base), "projection.k_max=16"])
     assert seven.vae.enabled

@@ -42,7 +42,8 @@ def test_fold_preserves_forward():
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
-def test_subtracted_view_equals_w0_minus_deltas_and_restores_exactly():
+def test_subtracted_view_weights_and_restore():
+    """The LoRA-minus view is W0 minus the folded deltas, and leaving it restores every weight."""
     backbone, adapters = _adapted_micro_vit()
     layers = adapters.layers()
     w0 = {key: layer.get_base_layer().weight.detach().clone() for key, layer in layers.items()}

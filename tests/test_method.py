@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import build_digits_learner, digits_batch
+
 from spherical_cl.backbones import build_backbone
 from spherical_cl.config import load_config
 from spherical_cl.data import IncrementalData, build_class_split, load_source
@@ -15,28 +17,11 @@ from spherical_cl.prototypes import BasePoints, estimate_base_points
 
 
 def _setup(method: str, *overrides: str):
-    torch.manual_seed(0)
-    config = load_config(None, [f"method={method}", "projection.k_max=16", "model.lora_rank=4",
-                                "model.lora_alpha=4", "data.num_tasks=5", "data.class_order=identity",
-                                *overrides])
-    backbone = build_backbone("vit_micro", pretrained=False)
-    splits = load_source("digits", None)
-    data = IncrementalData(splits, build_class_split(10, num_tasks=5, class_order="identity"), input_size=32)
-    learner = build_learner(config, backbone)
-
-    def context(task: int) -> TaskContext:
-        return TaskContext(task=task, num_tasks=5, classes=data.class_split.task_classes(task),
-                           seen=data.class_split.seen_classes(task),
-                           feature_loader=lambda: DataLoader(data.train_set(task, augment=False), batch_size=64),
-                           device=torch.device("cpu"))
-
-    return config, learner, data, context
+    return build_digits_learner(f"method={method}", "projection.k_max=16", *overrides)
 
 
 def _batch(data: IncrementalData, task: int, size: int = 24):
-    images, labels = next(iter(DataLoader(data.train_set(task, augment=False), batch_size=size, shuffle=True,
-                                          generator=torch.Generator().manual_seed(1))))
-    return images, labels
+    return digits_batch(data, task, size)
 
 
 def _train_task(learner, data, context, task: int, steps: int = 3, phase: str = "main") -> None:
@@ -153,7 +138,8 @@ def test_base_point_modes():
     assert estimate_base_points(embeddings, labels, range(6, 9), mode="auto", min_per_class=20).mode == "per_class"
 
 
-def test_linear_drs_null_space_step_leaves_principal_inputs_unchanged():
+def test_linear_drs_nullspace_step():
+    """A null-space step of A leaves the principal input directions unchanged."""
     config, learner, data, context = _setup("linear_drs", "linear_drs.energy=0.9")
     _train_task(learner, data, context, 0)
     projectors = learner.layer_projectors(context(1))
@@ -224,6 +210,8 @@ def test_non_finite_loss_stops_with_diagnosis(tmp_path):
         trainer.run()
     message = str(caught.value)
     assert "task 1, epoch 1, step 1" in message
-    assert "ce=nan" in message and "triplet=0.25" in message
-    assert "train.lr" in message and "loss.m_end" in message
+    assert "ce=nan" in message
+    assert "triplet=0.25" in message
+    assert "train.lr" in message
+    assert "loss.m_end" in message
     assert not (tmp_path / "metrics.json").exists()

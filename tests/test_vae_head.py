@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import build_digits_learner, digits_batch
 from spherical_cl.backbones import build_backbone
 from spherical_cl.config import load_config, to_dict
 from spherical_cl.data import IncrementalData, build_class_split, load_source
@@ -25,29 +26,12 @@ LATENT_DIM = 32
 
 
 def _setup(*overrides: str):
-    torch.manual_seed(0)
-    config = load_config(None, ["method=drs_sphere", "vae.enabled=true", f"vae.latent_dim={LATENT_DIM}",
-                                "vae.hidden_dim=64", "projection.k_max=16", "model.lora_rank=4", "model.lora_alpha=4",
-                                "data.num_tasks=5", "data.class_order=identity", "logging.progress=false",
-                                *overrides])
-    backbone = build_backbone("vit_micro", pretrained=False)
-    data = IncrementalData(load_source("digits", None), build_class_split(10, num_tasks=5, class_order="identity"),
-                           input_size=32)
-    learner = build_learner(config, backbone)
-
-    def context(task: int) -> TaskContext:
-        return TaskContext(task=task, num_tasks=5, classes=data.class_split.task_classes(task),
-                           seen=data.class_split.seen_classes(task),
-                           feature_loader=lambda: DataLoader(data.train_set(task, augment=False), batch_size=64),
-                           device=torch.device("cpu"))
-
-    return config, learner, data, context
+    return build_digits_learner("method=drs_sphere", "vae.enabled=true", f"vae.latent_dim={LATENT_DIM}",
+                                "vae.hidden_dim=64", "projection.k_max=16", "logging.progress=false", *overrides)
 
 
 def _batch(data: IncrementalData, task: int, size: int = 24):
-    loader = DataLoader(data.train_set(task, augment=False), batch_size=size, shuffle=True,
-                        generator=torch.Generator().manual_seed(1))
-    return next(iter(loader))
+    return digits_batch(data, task, size)
 
 
 def _train_task(learner, data, context, task: int, steps: int = 3) -> None:

@@ -119,7 +119,7 @@ def _read_npz(path: Path) -> tuple[ImageArrays, list[str] | None]:
             images, labels = archive["x"], archive["y"]
             names = [str(n) for n in archive["classes"]] if "classes" in archive.files else None
     except (OSError, ValueError, EOFError) as error:
-        # numpy reports a file that is not an npz archive as pickled data; say what it is.
+        # numpy reports a file that is not an npz archive as pickled data, which misleads.
         raise DataError(f"cannot read {path} as an .npz archive of arrays x and y ({type(error).__name__}); "
                         "write it with numpy.savez") from None
     return ImageArrays(_checked_images(images, path), _checked_labels(labels, len(images), path)), names
@@ -135,7 +135,7 @@ def _checked_images(images: np.ndarray, path: Path) -> np.ndarray:
     if images.dtype != np.uint8:
         raise DataError(f"{path}: x has dtype {images.dtype}; expected uint8 pixels in 0..255")
     if len(images) == 0:
-        raise DataError(f"{path}: x holds no images; each split needs at least one")
+        raise DataError(f"{path}: x contains no images; each split needs at least one")
     if min(images.shape[1:3]) == 0:
         raise DataError(f"{path}: images have size {images.shape[1]}x{images.shape[2]}; both sides must be >= 1")
     if images.shape[-1] == 1:

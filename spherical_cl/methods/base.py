@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 @dataclass
 class TaskContext:
-    """What a learner needs to know about the task it starts or ends.
+    """The task a learner starts or ends, and access to its data.
 
     Attributes:
         task: 0-based task index.
@@ -33,7 +33,7 @@ class TaskContext:
 
 @dataclass
 class StepInfo:
-    """Where a training step sits: its task, epoch and the epoch count of the task."""
+    """The position of a training step: its task, epoch, the task's epoch count and phase."""
 
     task: int
     epoch: int

@@ -122,6 +122,7 @@ class LinearDRS(SequentialLoRA):
         name = self.adapters.active
         if self.config.linear_drs.kv_only:
             self._freeze_query_rows(name)
+
         head = nn.Linear(self.backbone.embed_dim, len(context.classes))
         self.linear_heads.append(head)
         for old in self.linear_heads[:-1]:
@@ -132,6 +133,7 @@ class LinearDRS(SequentialLoRA):
             {"params": lora_parameters, "lr": train.lr, "weight_decay": train.wd},
             {"params": list(head.parameters()), "lr": train.head_lr or train.lr, "weight_decay": train.wd},
         ])
+
         self.optimizer = ProjectedOptimizer(inner)
         for key, (factor_a, factor_b) in self.adapters.named_factors(name).items():
             if key not in projectors:
