@@ -1,7 +1,8 @@
 """Command line: ``python -m spherical_cl.ablate --config FILE --rows ncm,0-6 --seeds 0,1,2``.
 
 Runs each ablation row (see :mod:`spherical_cl.presets`) for each seed, one after another,
-into ``OUT/row-<row>/seed-<seed>``; a run whose ``metrics.json`` exists is not run again.
+into ``OUT/row-<row>/seed-<seed>``. A run whose ``metrics.json`` exists is not run again,
+and an interrupted one continues from its last checkpoint.
 Then writes ``OUT/ablation.md`` (mean ± std over seeds) and ``OUT/ablation.png``.
 """
 
@@ -185,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
     plans = {(row, seed): load_config(args.config, [*args.overrides, *row_overrides(row, base), f"seed={seed}"])
              for row in rows for seed in seeds}
 
-    from trainers.experiment import run_experiment
+    from trainers.experiment import resume_experiment, run_experiment
     from trainers.incremental import NonFiniteLossError
 
     out = args.out or Path("runs") / f"ablation-{Path(args.config).stem}"
@@ -199,7 +200,11 @@ def _run(args: argparse.Namespace) -> int:
             continue
         logger.info("row %s seed %d: %s", row, seed, ROW_DESCRIPTIONS[row])
         try:
-            results[row].append(run_experiment(config, run_dir, overwrite=False))
+            if (run_dir / "config.yaml").exists():
+                # An interrupted run of this row; a different config is rejected, not mixed in.
+                results[row].append(resume_experiment(config, run_dir))
+            else:
+                results[row].append(run_experiment(config, run_dir, overwrite=False))
         except NonFiniteLossError as error:
             print(f"error: row {row} seed {seed}: {error}", file=sys.stderr)
             return 1

@@ -97,14 +97,22 @@ class DataConfig:
 class TrainConfig:
     epochs_warm: int = option(0, "Warm-up epochs per task.", ge=0)
     epochs_main: int = option(2, "Main-phase epochs per task.", ge=0)
-    batch_size: int = option(64, "Training batch size.", ge=1)
-    eval_batch_size: int = option(256, "Batch size of evaluation and feature passes.", ge=1)
+    batch_size: int = option(64, "Global training batch size (split over the ranks of a distributed run).", ge=1)
+    eval_batch_size: int = option(256, "Batch size per rank of evaluation and feature passes.", ge=1)
     lr: float = option(1e-3, "Learning rate of the LoRA adapters.", gt=0)
     head_lr: Optional[float] = option(None, "Learning rate of the classifier head; default lr.", gt=0)
     wd: float = option(1e-5, "Weight decay of the LoRA adapters.", ge=0)
     ema_momentum: float = option(0.97, "EMA momentum beta of the class prototypes.", ge=0, lt=1)
     grad_clip: Optional[float] = option(None, "Clip the gradient norm of the trainable parameters to this value.", gt=0)
     device: str = option("auto", "'auto' (CUDA, then CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    precision: str = option(
+        "auto", "Backbone precision: 'auto' (bfloat16 autocast on GPUs that support it, else float32), 'fp32' or "
+        "'bf16'. Geometry, statistics and losses stay in float32.", choices=("auto", "fp32", "bf16")
+    )
+    compile: bool = option(False, "Compile the backbone with torch.compile (recompiles once per task).")
+    deterministic: bool = option(
+        False, "Use only deterministic CUDA kernels (slower; CPU runs are deterministic without it)."
+    )
 
 
 @dataclass
@@ -182,6 +190,8 @@ class LoggingConfig:
     save_prototypes: bool = option(True, "Export the class prototypes after each task.")
     save_U: bool = option(True, "Export each task's basis U_t.")
     progress: bool = option(True, "Show progress bars over epochs and batches.")
+    checkpoints: bool = option(True, "Write a checkpoint after each task to RUN_DIR/checkpoints (needed by --resume).")
+    keep_checkpoints: int = option(0, "Keep only the newest N task checkpoints (0: keep every task's).", ge=0)
 
 
 @dataclass
@@ -415,6 +425,40 @@ def config_hash(config: ExperimentConfig) -> str:
     """Return a SHA-256 hex digest of the resolved config, independent of key order."""
     text = json.dumps(to_dict(config), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# Keys a resumed run may not change, even with --force: the saved tasks depend on them.
+RESUME_FIXED_KEYS = ("method", "model.", "data.", "vae.enabled", "vae.latent_dim", "vae.hidden_dim")
+# Keys under data. that set only where the data is read from and how fast.
+RESUME_FREE_DATA_KEYS = ("data.root", "data.download", "data.num_workers")
+
+
+def flatten_dict(nested: dict, prefix: str = "") -> dict[str, Any]:
+    """Return ``{dotted_key: value}`` for every leaf of nested dicts."""
+    flat = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(flatten_dict(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def diff_configs(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """Return ``(dotted_key, old value, new value)`` for every key whose value differs, sorted by key.
+
+    A key present on one side only appears with ``None`` on the other.
+    """
+    old_flat, new_flat = flatten_dict(old), flatten_dict(new)
+    return [(key, old_flat.get(key), new_flat.get(key)) for key in sorted(old_flat.keys() | new_flat.keys())
+            if old_flat.get(key) != new_flat.get(key)]
+
+
+def is_resume_fixed(key: str) -> bool:
+    """Return whether a resumed run must keep ``key`` as the checkpoint has it."""
+    if key in RESUME_FREE_DATA_KEYS:
+        return False
+    return any(key == fixed or (fixed.endswith(".") and key.startswith(fixed)) for fixed in RESUME_FIXED_KEYS)
 
 
 def describe_keys() -> list[tuple[str, str, str]]:

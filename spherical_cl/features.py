@@ -18,10 +18,14 @@ def iterate_embeddings(embed: Callable[[torch.Tensor], torch.Tensor], batches: I
 
 @torch.no_grad()
 def class_mean_directions(embed: Callable[[torch.Tensor], torch.Tensor], batches: Iterable,
-                          classes: range, device: torch.device) -> torch.Tensor:
+                          classes: range, device: torch.device,
+                          reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Return the normalised mean embedding of each class in ``classes``, (len(classes), D).
 
-    Sums are accumulated per class in float64 over one pass.
+    Sums are accumulated per class in float64 over one pass. ``reduce`` sums the per-class
+    sums and counts over ranks in place (for example
+    :meth:`~spherical_cl.distributed.DistributedContext.all_reduce_sum`) when each rank
+    passes a shard of the data.
 
     Raises:
         ValueError: some class in ``classes`` has no sample in ``batches``.
@@ -34,6 +38,11 @@ def class_mean_directions(embed: Callable[[torch.Tensor], torch.Tensor], batches
         index = labels - classes.start
         sums.index_add_(0, index, embeddings.double())
         counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+    if reduce is not None:
+        if sums is None:
+            raise ValueError("this rank's shard of the data is empty; use fewer ranks than samples")
+        reduce(sums)
+        reduce(counts)
     if sums is None or (counts == 0).any():
         empty = [classes.start + i for i in torch.nonzero(counts == 0).flatten().tolist()]
         raise ValueError(f"classes {empty} have no samples; cannot estimate their mean direction")

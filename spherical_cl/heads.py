@@ -50,6 +50,13 @@ class ArcFaceHead(nn.Module):
         self.blocks.append(weight)
         return weight
 
+    @torch.no_grad()
+    def load_blocks(self, blocks: list[torch.Tensor]) -> None:
+        """Replace every block with saved class weights, bit for bit (no re-normalisation)."""
+        self.blocks = nn.ParameterList()
+        for block in blocks:
+            self.add_classes(block.shape[0], init=block).copy_(block)
+
     def weight(self) -> torch.Tensor:
         """Return every class weight, (C, D) with C the classes seen so far."""
         return torch.cat(list(self.blocks), dim=0)

@@ -195,3 +195,34 @@ class TaskAdapters:
                 state[f"{key}/{name}/B"] = layer.lora_B[name].weight.detach().clone()
         return state
 
+    def checkpoint_state(self) -> dict:
+        """Return the adapter names, which are folded, and every A and B weight on the CPU."""
+        return {"names": list(self.names), "folded": list(self.folded),
+                "factors": {key: value.cpu() for key, value in self.state_dict().items()}}
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Re-create the adapters of :meth:`checkpoint_state` on a backbone with its original weights.
+
+        Each adapter is injected, given its saved A and B, and folded in the original order,
+        so the base weights are rebuilt by the same operations as in the interrupted run.
+
+        Raises:
+            ValueError: adapters exist already, or a saved factor is missing or has another shape.
+        """
+        if self.names:
+            raise ValueError(f"cannot load adapters into a model that already has {self.names}")
+        factors = state["factors"]
+        for name in state["names"]:
+            self.add_task(int(name.rsplit("_", 1)[1]) - 1)
+            for key, (factor_a, factor_b) in self.named_factors(name).items():
+                for label, parameter in (("A", factor_a), ("B", factor_b)):
+                    saved = factors.get(f"{key}/{name}/{label}")
+                    if saved is None or saved.shape != parameter.shape:
+                        found = "missing" if saved is None else f"shape {tuple(saved.shape)}"
+                        raise ValueError(f"LoRA factor {key}/{name}/{label} is {found}; the model expects shape "
+                                         f"{tuple(parameter.shape)}")
+                    parameter.copy_(saved)
+            if name in state["folded"]:
+                self.fold_active()
+

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 # Outputs of a run. A new run in the same directory removes them first.
 RUN_FILES = ("metrics.json", "log.jsonl", "config.yaml", "run_info.json")
-RUN_FOLDERS = ("plots", "exports")
+RUN_FOLDERS = ("plots", "exports", "checkpoints")
 PACKAGES = ("torch", "torchvision", "timm", "peft", "geoopt", "numpy", "scikit-learn", "omegaconf", "spherical-cl")
 
 
@@ -42,14 +42,31 @@ def prepare_run_dir(path: Path, *, overwrite: bool = False) -> None:
     ``overwrite``) are removed first, so the new run's log and exports are its own.
 
     Raises:
-        RunDirError: ``path`` is empty, contains ``metrics.json`` and ``overwrite`` is off,
-            or it cannot be created or written.
+        RunDirError: ``path`` is empty, contains ``metrics.json`` or task checkpoints and
+            ``overwrite`` is off, or it cannot be created or written.
     """
     if not str(path).strip():
         raise RunDirError("the run directory is an empty path; give a directory name")
     if (path / "metrics.json").exists() and not overwrite:
         raise RunDirError(f"{path} already contains a finished run (metrics.json); pass --overwrite or choose "
                           "another output directory")
+    checkpoints = sorted((path / "checkpoints").glob("task_*.pt")) if path.is_dir() else []
+    if checkpoints and not overwrite:
+        raise RunDirError(f"{path} contains checkpoints of an unfinished run (newest: {checkpoints[-1].name}); pass "
+                          f"--resume {path} to continue it, or --overwrite to start over")
+    check_writable(path)
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(path / name, ignore_errors=True)
+
+
+def check_writable(path: Path) -> None:
+    """Create ``path`` if needed and check that a file can be written in it.
+
+    Raises:
+        RunDirError: the directory cannot be created or written.
+    """
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -58,10 +75,6 @@ def prepare_run_dir(path: Path, *, overwrite: bool = False) -> None:
     except OSError as error:
         raise RunDirError(f"cannot write to run directory {path}: {error.strerror}; choose another output "
                           "directory") from None
-    for name in RUN_FILES:
-        (path / name).unlink(missing_ok=True)
-    for name in RUN_FOLDERS:
-        shutil.rmtree(path / name, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -80,7 +93,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
 
 
-def run_info(config: ExperimentConfig, device: str) -> dict:
+def run_info(config: ExperimentConfig, device: str, *, world_size: int = 1) -> dict:
     """Return the git commit, package versions, hardware and config hash of this run."""
     import torch
 
@@ -95,6 +108,7 @@ def run_info(config: ExperimentConfig, device: str) -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "device": device,
+        "world_size": world_size,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     return {
@@ -121,32 +135,74 @@ def _git_commit() -> str | None:
 
 
 class RunWriter:
-    """Writes the files of one run directory."""
+    """Writes the files of one run directory.
 
-    def __init__(self, path: Path) -> None:
+    With ``enabled=False`` (ranks other than 0 of a distributed run) every write is skipped.
+    """
+
+    def __init__(self, path: Path, *, enabled: bool = True) -> None:
         self.path = path
         self.log_path = path / "log.jsonl"
+        self.enabled = enabled
 
     def write_start(self, config: ExperimentConfig, info: dict) -> None:
+        if not self.enabled:
+            return
         (self.path / "config.yaml").write_text(to_yaml(config))
         write_json_atomic(self.path / "run_info.json", info)
 
     def log(self, record: dict) -> None:
         """Append one record to ``log.jsonl``; non-finite floats are written as null."""
+        if not self.enabled:
+            return
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(_finite_or_none(record), default=_json_default) + "\n")
+
+    def log_size(self) -> int:
+        """Return the size of ``log.jsonl`` in bytes (0 before the first record)."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def rewind(self, log_size: int, finished_tasks: int) -> None:
+        """Drop what an interrupted run wrote after its last checkpoint.
+
+        ``log.jsonl`` is cut back to ``log_size`` bytes, and exports of tasks after the
+        first ``finished_tasks`` are removed, so a resumed run appends to a consistent record.
+        """
+        if not self.enabled:
+            return
+        if self.log_path.exists():
+            with open(self.log_path, "r+b") as handle:
+                handle.truncate(log_size)
+        for path in (self.path / "exports").glob("task_*_*.safetensors"):
+            if int(path.name.split("_")[1]) > finished_tasks:
+                path.unlink()
+        for path in (self.path / "checkpoints").glob("*.tmp"):
+            path.unlink()
+
+    def add_resume(self, record: dict) -> None:
+        """Append a resume record to ``run_info.json`` (when, from which task, forced config changes)."""
+        if not self.enabled:
+            return
+        path = self.path / "run_info.json"
+        info = json.loads(path.read_text()) if path.exists() else {}
+        info.setdefault("resumes", []).append(record)
+        write_json_atomic(path, info)
 
     def export(self, task: int, group: str, tensors: dict) -> Path:
         """Write ``exports/task_<NN>_<group>.safetensors`` with the given tensors; return its path."""
         from safetensors.torch import save_file
 
         folder = self.path / "exports"
-        folder.mkdir(exist_ok=True)
         path = folder / f"task_{task + 1:02d}_{group}.safetensors"
+        if not self.enabled:
+            return path
+        folder.mkdir(exist_ok=True)
         save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(path))
         return path
 
     def write_metrics(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
         write_json_atomic(self.path / "metrics.json", _finite_or_none(metrics))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="Validate the config, build the task split and print the plan; load no weights.")
     parser.add_argument("--overwrite", action="store_true",
-                        help="Replace the results of a finished run in --run-dir.")
+                        help="Replace the results and checkpoints of an earlier run in --run-dir.")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="Continue the run in RUN_DIR after its last complete task. Its own config is used "
+                             "unless --config is given; overrides that change it need --force.")
+    parser.add_argument("--force", action="store_true",
+                        help="With --resume: accept a config that differs from the run's (not in the method, "
+                             "model, data split or VAE size).")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="Logging level of the console.")
     parser.add_argument("--debug", action="store_true", help="Show the traceback of input errors.")
@@ -49,18 +56,41 @@ def main(argv: list[str] | None = None) -> int:
         for key, default, help_text in describe_keys():
             print(f"{key} = {default}\n    {help_text}")
         return 0
-    if args.config is None:
-        parser.error("the following arguments are required: --config")
+    if args.config is None and args.resume is None:
+        parser.error("the following arguments are required: --config (or --resume RUN_DIR)")
+    if args.resume is not None:
+        for flag, given in (("--run-dir", args.run_dir is not None), ("--overwrite", args.overwrite),
+                            ("--dry-run", args.dry_run)):
+            if given:
+                parser.error(f"--resume cannot be combined with {flag}; --resume names the run directory")
+    elif args.force:
+        parser.error("--force only applies to --resume RUN_DIR")
     configure_logging(args.log_level)
-    return run_reporting_input_errors(_run, args)
+    try:
+        return run_reporting_input_errors(_run, args)
+    finally:
+        # Loaded only once a run started; a config error exits without importing torch.
+        distributed = sys.modules.get("spherical_cl.distributed")
+        if distributed is not None:
+            distributed.shutdown_distributed()
 
 
 def _run(args: argparse.Namespace) -> int:
     from spherical_cl.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    config_path = args.config
+    if args.resume is not None:
+        if not args.resume.strip():
+            raise RunDirError("--resume is empty; give the run directory to continue")
+        if not Path(args.resume).is_dir():
+            raise RunDirError(f"--resume {args.resume}: no such run directory")
+        config_path = config_path or str(Path(args.resume) / "config.yaml")
+        if not Path(config_path).is_file():
+            raise RunDirError(f"no run to resume in {args.resume} (no config.yaml); pass the run directory of an "
+                              "earlier run")
+    config = load_config(config_path, args.overrides)
     # Importing the trainer pulls in torch, timm and peft; a config error is reported before that.
-    from trainers.experiment import plan_experiment, run_experiment
+    from trainers.experiment import plan_experiment, resume_experiment, run_experiment
     from trainers.incremental import NonFiniteLossError
     from spherical_cl.results import default_run_dir, summary_table
 
@@ -69,14 +99,21 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.run_dir is not None and not args.run_dir.strip():
         raise RunDirError("--run-dir is empty; give a directory name")
-    run_dir = Path(args.run_dir) if args.run_dir is not None else default_run_dir(args.config)
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+    else:
+        run_dir = Path(args.run_dir) if args.run_dir is not None else default_run_dir(args.config)
     try:
-        metrics = run_experiment(config, run_dir, overwrite=args.overwrite)
+        if args.resume is not None:
+            metrics = resume_experiment(config, run_dir, force=args.force)
+        else:
+            metrics = run_experiment(config, run_dir, overwrite=args.overwrite)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(summary_table(metrics))
-    print(f"results: {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary_table(metrics))
+        print(f"results: {run_dir}")
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,29 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CIFAR100_NPZ = SHARED / "data" / "cifar100"
 TORCH_HUB = SHARED / "torch-hub"
+
+
+DEMO = REPO / "configs" / "demo.yaml"
+# The demo on identity-ordered classes, short enough for a test run: 3 tasks of 4, 3 and 3 classes.
+SHORT_DEMO = ["logging.progress=false", "data.class_order=identity", "data.class_list=null", "data.num_tasks=3",
+              "data.remainder=first"]
+
+
+def run_cli(*args: str, module: str = "spherical_cl.train", script: Path | None = None,
+            cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run ``python -m module`` (or ``python script``) with ``args`` and capture its output."""
+    command = [sys.executable, str(script)] if script is not None else [sys.executable, "-m", module]
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=environment)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """Return the last non-empty line of stderr after checking it is a one-line input error."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: "), lines[-1]
+    return lines[-1]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -79,11 +79,19 @@ def test_ablation_command_runs_and_skips_finished_rows(tmp_path):
     metrics = json.loads((out / "row-2" / "seed-0" / "metrics.json").read_text())
     assert metrics["method"] == "drs_sphere"
     stamp = (out / "row-0" / "seed-0" / "metrics.json").stat().st_mtime_ns
+    # Row 3 as a kill during its second task leaves it: the first task's checkpoint, no metrics.
+    interrupted = out / "row-3" / "seed-0"
+    before = json.loads((interrupted / "metrics.json").read_text())
+    (interrupted / "metrics.json").unlink()
+    (interrupted / "checkpoints" / "task_02.pt").unlink()
 
     second = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr
     assert "finished earlier" in second.stderr
+    assert f"resuming {interrupted} after task 1 of 2" in second.stderr
     assert (out / "row-0" / "seed-0" / "metrics.json").stat().st_mtime_ns == stamp
+    after = json.loads((interrupted / "metrics.json").read_text())
+    assert after["acc_matrix"] == before["acc_matrix"]
 
     bad = subprocess.run([*args[:6], "ncm,8", *args[7:]], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2

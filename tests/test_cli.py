@@ -1,21 +1,12 @@
 """The command line end to end: dry run, input errors, and a short demo run."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import DEMO, error_line, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "configs" / "demo.yaml"
 FAST = ["logging.progress=false", "train.epochs_main=3", "data.num_tasks=2", "data.class_order=identity",
         "data.class_list=null"]
-
-
-def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spherical_cl.train", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
 
 
 def test_dry_run_prints_plan_without_writing(tmp_path):
@@ -41,11 +32,7 @@ def test_dry_run_prints_plan_without_writing(tmp_path):
 def test_bad_input_is_one_line_exit_2(tmp_path, override, fragment):
     run_dir = tmp_path / "run"
     result = run_cli("--config", str(DEMO), "--run-dir", str(run_dir), *override.split())
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ")
-    assert fragment in lines[-1]
-    assert "Traceback" not in result.stderr
+    assert fragment in error_line(result)
     assert not run_dir.exists()
 
 

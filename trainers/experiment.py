@@ -6,18 +6,26 @@ is checked before the first file of the run is written.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+
 from spherical_cl.backbones import build_backbone, check_weights_available
-from spherical_cl.config import ExperimentConfig
-from spherical_cl.errors import DataError
+from spherical_cl.checkpoint import latest_checkpoint
+from spherical_cl.config import ExperimentConfig, diff_configs, flatten_dict, is_resume_fixed, to_dict, to_yaml
+from spherical_cl.distributed import DistributedContext, init_distributed
+from spherical_cl.errors import ConfigError, DataError, RunDirError, UserError
 from spherical_cl.data import ClassSplit, IncrementalData, build_class_split, load_source
 from spherical_cl.methods import build_learner
 from spherical_cl.plots import plot_run
-from spherical_cl.results import RunWriter, prepare_run_dir, run_info
-from trainers.incremental import IncrementalTrainer, resolve_device, seed_everything
+from spherical_cl.results import RunWriter, check_writable, prepare_run_dir, run_info
+from trainers.incremental import IncrementalTrainer, RunState, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -112,21 +120,148 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
 
 
 def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool = False) -> dict:
-    """Run the whole experiment and write its run directory; return the metrics."""
-    seed_everything(config.seed)
+    """Run the whole experiment in a new run directory; return the metrics.
+
+    Under ``torchrun`` every rank calls this; rank 0 prepares and writes the run directory.
+    """
+    device, dist = _prepare_device(config)
+    backbone, data, learner = _build(config)
+    _on_main_rank(dist, device, lambda: prepare_run_dir(run_dir, overwrite=overwrite), run_dir)
+    writer = RunWriter(run_dir, enabled=dist.is_main)
+    writer.write_start(config, run_info(config, str(device), world_size=dist.world_size))
+    logger.info("run directory: %s", run_dir)
+    trainer = IncrementalTrainer(config, learner, data, writer, device, dist)
+    return _finish(trainer.run(), writer, run_dir, dist)
+
+
+def _on_main_rank(dist: DistributedContext, device: torch.device, action, run_dir: Path) -> None:
+    """Run ``action`` on rank 0 only, and raise its UserError on every rank so none waits alone."""
+    failure = None
+    if dist.is_main:
+        try:
+            action()
+        except UserError as error:
+            failure = error
+    if not dist.all_true(failure is None, device):
+        raise failure or RunDirError(f"rank 0 could not prepare the run directory {run_dir}; see its error")
+
+
+def resume_experiment(config: ExperimentConfig, run_dir: Path, *, force: bool = False) -> dict:
+    """Continue the run in ``run_dir`` after its last complete task; return the metrics.
+
+    ``config`` must equal the run's own config unless ``force`` is given. Even then, the
+    keys the finished tasks depend on (method, model, data split, VAE size) must not change.
+    A run that finished already is not trained again: its metrics are returned.
+
+    Raises:
+        RunDirError: ``run_dir`` contains no run.
+        CheckpointError: the newest checkpoint is damaged (the message names the last good one).
+        ConfigError: ``config`` differs from the run's and ``force`` is off, or a fixed key differs.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"no run to resume in {run_dir} (no config.yaml); pass the run directory of an earlier "
+                          "run to --resume")
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        saved, source = _yaml_dict(checkpoint["config_yaml"]), f"checkpoint task_{checkpoint['task']:02d}.pt"
+    else:
+        saved, source = _yaml_dict((run_dir / "config.yaml").read_text()), "config.yaml"
+    changes = check_resume_config(saved, config, source, force=force)
+    if (run_dir / "metrics.json").exists():
+        logger.info("%s already finished; nothing to resume", run_dir)
+        return json.loads((run_dir / "metrics.json").read_text())
+
+    device, dist = _prepare_device(config)
+    backbone, data, learner = _build(config)
+    _on_main_rank(dist, device, lambda: check_writable(run_dir), run_dir)
+    writer = RunWriter(run_dir, enabled=dist.is_main)
+    learner.to(device)
+    state, rng, finished = None, None, 0
+    if checkpoint is not None:
+        learner.load_checkpoint_state(checkpoint["learner"])
+        state = RunState.from_dict(checkpoint["trainer"], device)
+        rng, finished = checkpoint["rng"], checkpoint["task"]
+        writer.rewind(checkpoint["log_size"], finished)
+    else:
+        # Killed during the first task: start it again in the same directory.
+        writer.rewind(0, 0)
+    if changes and dist.is_main:
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+    writer.add_resume({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "after_task": finished,
+                       "changed": {key: [old, new] for key, old, new in changes},
+                       "git_commit": run_info(config, str(device))["git_commit"]})
+    writer.log({"type": "resume", "after_task": finished, "changed": [key for key, _, _ in changes]})
+    logger.info("resuming %s after task %d of %d", run_dir, finished, data.class_split.num_tasks)
+    trainer = IncrementalTrainer(config, learner, data, writer, device, dist)
+    return _finish(trainer.run(state, rng), writer, run_dir, dist)
+
+
+def check_resume_config(saved: dict, config: ExperimentConfig, source: str, *, force: bool) -> list:
+    """Return the differences between a run's saved config and ``config``, if resuming is allowed.
+
+    Raises:
+        ConfigError: they differ and ``force`` is off, or a key that must not change differs.
+    """
+    changes = diff_configs(saved, to_dict(config))
+    # A key added to the schema after the run started is no change if it keeps its default.
+    saved_keys, defaults = flatten_dict(saved), flatten_dict(to_dict(ExperimentConfig()))
+    changes = [(key, old, new) for key, old, new in changes
+               if key in saved_keys or new != defaults.get(key, object())]
+    if not changes:
+        return []
+    shown = ", ".join(f"{key} ({old!r} -> {new!r})" for key, old, new in changes[:6])
+    if len(changes) > 6:
+        shown += f" and {len(changes) - 6} more"
+    fixed = [key for key, _, _ in changes if is_resume_fixed(key)]
+    if fixed:
+        raise ConfigError(f"cannot resume with a changed {', '.join(fixed)}: the finished tasks depend on it "
+                          f"(differences from the {source}: {shown}); resume with the run's own values or start "
+                          "a new run")
+    if not force:
+        raise ConfigError(f"the config differs from the {source} in {shown}; pass --force to resume with the "
+                          "new values, or drop them to resume unchanged")
+    logger.warning("resuming with a changed config: %s", shown)
+    return changes
+
+
+def _yaml_dict(text: str) -> dict:
+    # OmegaConf wrote the text, so its own reader gives back the same values and types.
+    return OmegaConf.to_container(OmegaConf.create(text))
+
+
+def _prepare_device(config: ExperimentConfig) -> tuple[torch.device, DistributedContext]:
+    """Return this process's device and its place among the ranks, joining torchrun's group if any."""
+    if config.train.deterministic:
+        # cuBLAS reads this when the first CUDA handle is created; it must be set before.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     device = resolve_device(config.train.device)
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if not dist.is_main:
+        # Rank 0 reports progress; the others report only problems.
+        logging.getLogger("spherical_cl").setLevel(logging.WARNING)
+        logging.getLogger("trainers").setLevel(logging.WARNING)
+    return device, dist
+
+
+def _build(config: ExperimentConfig):
+    """Seed, then build the backbone, the data and the learner in a fixed order."""
+    seed_everything(config.seed)
     model = config.model
     backbone = build_backbone(model.backbone, pretrained=model.pretrained, checkpoint=model.checkpoint,
                               img_size=model.img_size)
     data = build_data(config, backbone.input_spec.input_size)
     learner = build_learner(config, backbone)
-    prepare_run_dir(run_dir, overwrite=overwrite)
-    writer = RunWriter(run_dir)
-    writer.write_start(config, run_info(config, str(device)))
-    logger.info("run directory: %s", run_dir)
+    return backbone, data, learner
 
-    trainer = IncrementalTrainer(config, learner, data, writer, device)
-    metrics = trainer.run()
-    plot_run(metrics, run_dir / "plots")
-    writer.write_metrics(metrics)
+
+def _finish(metrics: dict, writer: RunWriter, run_dir: Path, dist: DistributedContext) -> dict:
+    if dist.is_main:
+        plot_run(metrics, run_dir / "plots")
+        writer.write_metrics(metrics)
+    # No rank returns before metrics.json exists, so a caller on any rank can read it.
+    dist.barrier()
     return metrics

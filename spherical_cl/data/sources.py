@@ -160,8 +160,14 @@ def _check_classes_present(labels: np.ndarray, num_classes: int, path: Path) -> 
     present = np.unique(labels)
     if len(present) == num_classes:
         return
-    gaps = np.flatnonzero(np.diff(np.concatenate([[-1], present])) > 1)
-    first_missing = [int(present[i - 1] + 1) if i else 0 for i in gaps[:5]]
+    first_missing: list[int] = []
+    expected = 0
+    # Walk the sorted labels instead of building 0..C-1, which a label of 10**9 would make huge.
+    for value in [*present.tolist(), num_classes]:
+        while expected < value and len(first_missing) < 5:
+            first_missing.append(expected)
+            expected += 1
+        expected = value + 1
     raise DataError(
         f"{path}: labels go up to {num_classes - 1} but only {len(present)} classes have training images "
         f"(first missing: {first_missing}); labels must cover 0..C-1 without gaps"

@@ -48,7 +48,16 @@ class StepInfo:
 
 @dataclass
 class LossOutput:
-    """The loss to back-propagate and each of its terms as floats for the log."""
+    """The loss to back-propagate and each of its terms as floats for the log.
+
+    Attributes:
+        loss: the mean over this process's samples of the per-sample terms. With several
+            ranks the trainer weights it by the rank's share of the global batch.
+        terms: each term as a float, for the log.
+        batch_loss: a term computed over the whole global batch (the same value on every
+            rank), such as the batch-hard triplet loss; added without weighting.
+    """
 
     loss: torch.Tensor
     terms: dict[str, float] = field(default_factory=dict)
+    batch_loss: torch.Tensor | None = None

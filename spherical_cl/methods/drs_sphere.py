@@ -25,8 +25,10 @@ import logging
 import geoopt
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
 from manifolds import TangentPCA, TangentSubspaceProjector
+from spherical_cl.checkpoint import CheckpointError
 from spherical_cl.errors import ConfigError, DataError
 from spherical_cl.heads import ArcFaceHead
 from spherical_cl.losses import anneal, angular_triplet_loss
@@ -64,6 +66,8 @@ class HypersphericalDRS(SequentialLoRA):
         self.tangent_projector = TangentSubspaceProjector()
         self.subspace_projector: TangentSubspaceProjector | None = None
         self.bases: list[dict[str, torch.Tensor]] = []
+        # The base points of each finished task after their last EMA step, (P_t, D) on the CPU.
+        self.final_base_points: list[torch.Tensor] = []
         self._last_embeddings: torch.Tensor | None = None
         self._task_log: dict[str, float] = {}
         self._last_projector: TangentSubspaceProjector | None = None
@@ -86,17 +90,23 @@ class HypersphericalDRS(SequentialLoRA):
         """Forward up to ``projection.max_vectors`` training images under LoRA⁻; return (X, y).
 
         The embeddings are held in memory only while the DRS is built (at most
-        max_vectors × D floats) and dropped when the task starts training.
+        max_vectors × D floats) and dropped when the task starts training. With several
+        ranks, each forwards its shard (a :class:`~torch.utils.data.Subset` over a range)
+        and the kept rows are gathered in sample order, so every rank builds the same DRS.
         """
         self.eval()
         loader = context.feature_loader()
-        total = len(loader.dataset)
+        dataset = loader.dataset
+        shard = dataset.indices if isinstance(dataset, Subset) else range(len(dataset))
+        total = len(dataset.dataset) if isinstance(dataset, Subset) else len(dataset)
         cap = self.config.projection.max_vectors
         keep = None
         if cap < total:
+            # The sample is drawn over the whole task, so it does not depend on the number of ranks.
             generator = torch.Generator().manual_seed(self.config.seed + context.task)
             keep = torch.zeros(total, dtype=torch.bool)
             keep[torch.randperm(total, generator=generator)[:cap]] = True
+            keep = keep[shard.start:shard.stop]
         embeddings, labels, seen = [], [], 0
         with self.adapters.subtracted_view():
             for images, batch_labels in loader:
@@ -109,7 +119,10 @@ class HypersphericalDRS(SequentialLoRA):
                     images, batch_labels = images[chosen], batch_labels[chosen]
                 embeddings.append(self.embed(images.to(context.device)))
                 labels.append(batch_labels.to(context.device))
-        return torch.cat(embeddings), torch.cat(labels)
+        if not embeddings:
+            embeddings.append(torch.empty(0, self.head.embed_dim, device=context.device))
+            labels.append(torch.empty(0, dtype=torch.long, device=context.device))
+        return self.dist.gather_rows(torch.cat(embeddings)), self.dist.gather_rows(torch.cat(labels))
 
     def build_tangent_basis(self, embeddings: torch.Tensor, base_points: BasePoints,
                             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -213,17 +226,20 @@ class HypersphericalDRS(SequentialLoRA):
         cross_entropy = F.cross_entropy(logits, targets, label_smoothing=smoothing)
         terms = {"ce": cross_entropy.item(), "s": scale, "m": margin}
         loss = cross_entropy
-        if step.phase == "main" and loss_config.triplet_lambda > 0:
-            triplet = angular_triplet_loss(latent, labels, margin=loss_config.triplet_margin,
-                                           old_prototypes=self.prototypes, distance=loss_config.triplet_distance)
-            loss = loss + loss_config.triplet_lambda * triplet
-            terms["triplet"] = triplet.item()
+        batch_loss = None
         if posterior is not None:
             vae_losses = self.vae.losses(posterior, latent, features)
             loss = loss + self.config.vae.beta * (vae_losses.reconstruction + vae_losses.kl)
             terms.update({"reconstruction": vae_losses.reconstruction.item(), "kl": vae_losses.kl.item(),
                           "rho": posterior.rho.mean().item()})
-        return LossOutput(loss, terms)
+        if step.phase == "main" and loss_config.triplet_lambda > 0:
+            # Batch-hard mining looks at the whole global batch, whatever the number of ranks.
+            triplet = angular_triplet_loss(self.dist.gather_rows_with_grad(latent), self.dist.gather_rows(labels),
+                                           margin=loss_config.triplet_margin, old_prototypes=self.prototypes,
+                                           distance=loss_config.triplet_distance)
+            batch_loss = loss_config.triplet_lambda * triplet
+            terms["triplet"] = triplet.item()
+        return LossOutput(loss, terms, batch_loss)
 
     def after_step(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> dict[str, float]:
         stats = {}
@@ -231,10 +247,13 @@ class HypersphericalDRS(SequentialLoRA):
             stats["proj_ratio"] = float(self._last_projector.last_ratio)
         if self.config.prototypes.ema:
             # The step's own embeddings (before the update), so EMA costs no extra forward pass.
-            self.base_points.ema_update(self._last_embeddings, labels, self.config.train.ema_momentum)
+            # They are gathered over ranks, so the batch means are those of the global batch.
+            self.base_points.ema_update(self.dist.gather_rows(self._last_embeddings), self.dist.gather_rows(labels),
+                                        self.config.train.ema_momentum)
         return stats
 
     def end_task(self, context: TaskContext) -> None:
+        self.final_base_points.append(self.base_points.points.detach().cpu().clone())
         super().end_task(context)
         self.base_points = None
         self.subspace_projector = None
@@ -244,6 +263,24 @@ class HypersphericalDRS(SequentialLoRA):
 
     def task_exports(self) -> dict[str, dict[str, torch.Tensor]]:
         exports = super().task_exports()
+        exports["prototypes"]["base_points"] = self.final_base_points[-1]
         if self.bases:
             exports["U"] = {key: value.contiguous() for key, value in self.bases[-1].items()}
         return exports
+
+    def checkpoint_state(self) -> dict:
+        state = super().checkpoint_state()
+        state["bases"] = [dict(basis) for basis in self.bases]
+        state["final_base_points"] = list(self.final_base_points)
+        if self.vae is not None:
+            state["vae"] = {key: value.cpu().clone() for key, value in self.vae.state_dict().items()}
+        return state
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        super().load_checkpoint_state(state)
+        self.bases = [dict(basis) for basis in state["bases"]]
+        self.final_base_points = list(state["final_base_points"])
+        if self.vae is not None:
+            if "vae" not in state:
+                raise CheckpointError("the checkpoint has no spCauchy-VAE head but vae.enabled is true")
+            self.vae.load_state_dict(state["vae"])

@@ -66,6 +66,8 @@ class LinearDRS(SequentialLoRA):
         super().__init__(config, backbone)
         self.linear_heads = nn.ModuleList()
         self.layer_ranks: dict[str, int] = {}
+        # The current task's principal basis U (d_in, k) of each layer's input, on the CPU.
+        self.layer_bases: dict[str, torch.Tensor] = {}
         self._warned_b: set[str] = set()
 
     @torch.no_grad()
@@ -99,8 +101,12 @@ class LinearDRS(SequentialLoRA):
         settings = self.config.linear_drs
         projectors = {}
         for key, accumulator in accumulators.items():
+            # Sums Σ x xᵀ and counts over the ranks' shards (in layer order, the same on every rank).
+            if self.dist.enabled:
+                accumulator.all_reduce()
             result = accumulator.solve(settings.energy, accumulator.dim)
             basis = result.basis.float()
+            self.layer_bases[key] = basis.cpu()
             projector = basis @ basis.t()
             rank = result.k
             if settings.subspace == "nullspace":
@@ -166,21 +172,23 @@ class LinearDRS(SequentialLoRA):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Return the backbone's raw embeddings (B, D) in float32."""
-        return self.backbone(self.preprocess(images)).float()
+        return self.backbone_features(images)
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor, step: StepInfo) -> LossOutput:
         features = self.features(images)
         logits = self.linear_heads[-1](features)
         cross_entropy = F.cross_entropy(logits, labels - self.current_classes.start)
-        loss = cross_entropy
         terms = {"ce": cross_entropy.item()}
+        batch_loss = None
         loss_config = self.config.loss
         if loss_config.triplet_lambda > 0:
-            triplet = angular_triplet_loss(self.sphere.projx(features), labels, margin=loss_config.triplet_margin,
-                                           old_prototypes=self.prototypes, distance=loss_config.triplet_distance)
-            loss = loss + loss_config.triplet_lambda * triplet
+            embeddings = self.dist.gather_rows_with_grad(self.sphere.projx(features))
+            triplet = angular_triplet_loss(embeddings, self.dist.gather_rows(labels),
+                                           margin=loss_config.triplet_margin, old_prototypes=self.prototypes,
+                                           distance=loss_config.triplet_distance)
+            batch_loss = loss_config.triplet_lambda * triplet
             terms["triplet"] = triplet.item()
-        return LossOutput(loss, terms)
+        return LossOutput(cross_entropy, terms, batch_loss)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -190,6 +198,29 @@ class LinearDRS(SequentialLoRA):
         if len(self.prototypes):
             predictions["ncm"] = (self.sphere.projx(features) @ self.prototypes.t()).argmax(dim=1)
         return predictions
+
+    def task_exports(self) -> dict[str, dict[str, torch.Tensor]]:
+        exports = super().task_exports()
+        if self.layer_bases:
+            exports["U"] = {f"layer/{key}": basis.contiguous() for key, basis in self.layer_bases.items()}
+        return exports
+
+    def checkpoint_state(self) -> dict:
+        state = super().checkpoint_state()
+        state["linear_heads"] = [{key: value.cpu().clone() for key, value in head.state_dict().items()}
+                                 for head in self.linear_heads]
+        state["layer_bases"] = dict(self.layer_bases)
+        return state
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        super().load_checkpoint_state(state)
+        device = self.prototypes.device
+        for saved in state["linear_heads"]:
+            head = nn.Linear(saved["weight"].shape[1], saved["weight"].shape[0]).to(device)
+            head.load_state_dict(saved)
+            head.requires_grad_(False)
+            self.linear_heads.append(head)
+        self.layer_bases = dict(state["layer_bases"])
 
     def task_log(self) -> dict[str, float]:
         if not self.layer_ranks:

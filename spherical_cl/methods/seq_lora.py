@@ -18,6 +18,8 @@ from manifolds import Sphere
 from spherical_cl.backbones import Backbone
 from spherical_cl.config import ExperimentConfig
 from spherical_cl.data import BatchPreprocessor
+from spherical_cl.distributed import DistributedContext
+from spherical_cl.checkpoint import CheckpointError
 from spherical_cl.errors import ConfigError
 from spherical_cl.features import class_mean_directions
 from spherical_cl.heads import ArcFaceHead
@@ -56,11 +58,27 @@ class SequentialLoRA(nn.Module):
         self.prototypes = geoopt.ManifoldTensor(torch.empty(0, backbone.embed_dim), manifold=self.sphere)
         self.optimizer: torch.optim.Optimizer | None = None
         self.current_classes = range(0)
+        # The trainer replaces these: the ranks of a distributed run and the autocast dtype.
+        self.dist = DistributedContext()
+        self.autocast_dtype: torch.dtype | None = None
+        # Stored outside the module tree, so the backbone's parameters are not listed twice.
+        self.__dict__["_backbone_forward"] = torch.compile(backbone) if config.train.compile else backbone
+
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Return the backbone's embeddings (B, D) of uint8 images (B, 3, H, W), in float32.
+
+        Only the backbone runs under autocast (bfloat16 on GPUs by default), so the
+        geometry, prototypes, statistics and losses downstream stay in float32.
+        """
+        pixels = self.preprocess(images)
+        with torch.autocast(pixels.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            features = self._backbone_forward(pixels)
+        return features.float()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Map uint8 images (B, 3, H, W) to unit embeddings (B, D) in float32."""
-        features = self.backbone(self.preprocess(images)).float()
-        return self.sphere.projx(features)
+        return self.sphere.projx(self.backbone_features(images))
 
     def train(self, mode: bool = True) -> "SequentialLoRA":
         """Set training mode, but keep the frozen backbone in eval mode.
@@ -116,7 +134,8 @@ class SequentialLoRA(nn.Module):
     def estimate_prototypes(self, context: TaskContext) -> torch.Tensor:
         """Return the normalised class means of the task's classes under the current weights."""
         self.eval()
-        return class_mean_directions(self.embed, context.feature_loader(), context.classes, context.device)
+        return class_mean_directions(self.embed, context.feature_loader(), context.classes, context.device,
+                                     reduce=self.dist.all_reduce_sum)
 
     def task_log(self) -> dict[str, float]:
         """Return per-task values for the log (for example the rank of U_t)."""
@@ -125,6 +144,36 @@ class SequentialLoRA(nn.Module):
     def task_exports(self) -> dict[str, dict[str, torch.Tensor]]:
         """Return named groups of tensors to export after a task (see docs/method.md)."""
         return {"prototypes": {"prototypes": self.prototypes.detach().cpu().contiguous()}}
+
+    # Checkpoints ----------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict:
+        """Return what the next task needs, as CPU tensors and plain values (see docs/checkpoints.md).
+
+        Called between tasks: every adapter is folded and no optimizer exists.
+        """
+        return {
+            "method": self.name,
+            "adapters": self.adapters.checkpoint_state(),
+            "head": [plain_tensor(block) for block in self.head.blocks],
+            "prototypes": plain_tensor(self.prototypes),
+        }
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Restore :meth:`checkpoint_state` into a learner freshly built from the same config.
+
+        Raises:
+            CheckpointError: the checkpoint is of another learner or architecture.
+        """
+        if state["method"] != self.name:
+            raise CheckpointError(f"the checkpoint was written by method {state['method']!r}, not {self.name!r}")
+        device = self.prototypes.device
+        try:
+            self.adapters.load_checkpoint_state(state["adapters"])
+            self.head.load_blocks([block.to(device) for block in state["head"]])
+        except ValueError as error:
+            raise CheckpointError(f"the checkpoint does not fit this model: {error}") from None
+        self.prototypes = geoopt.ManifoldTensor(state["prototypes"].to(device), manifold=self.sphere)
 
     # Prediction -----------------------------------------------------------------------
 
@@ -137,3 +186,8 @@ class SequentialLoRA(nn.Module):
             # Nearest prototype by geodesic distance is the largest cosine.
             predictions["ncm"] = (embeddings @ self.prototypes.t()).argmax(dim=1)
         return predictions
+
+
+def plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Return a detached CPU copy as a plain ``torch.Tensor``, which ``weights_only`` loading accepts."""
+    return tensor.detach().as_subclass(torch.Tensor).cpu().clone()
