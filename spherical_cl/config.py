@@ -102,6 +102,11 @@ class TrainConfig:
     lr: float = option(1e-3, "Learning rate of the LoRA adapters.", gt=0)
     head_lr: Optional[float] = option(None, "Learning rate of the classifier head; default lr.", gt=0)
     wd: float = option(1e-5, "Weight decay of the LoRA adapters.", ge=0)
+    lr_schedule: str = option(
+        "constant", "Learning rate within each task: 'constant', or 'cosine' decay per step to lr_min.",
+        choices=("constant", "cosine")
+    )
+    lr_min: float = option(0.0, "Final learning rate of the cosine schedule.", ge=0)
     ema_momentum: float = option(0.97, "EMA momentum beta of the class prototypes.", ge=0, lt=1)
     grad_clip: Optional[float] = option(None, "Clip the gradient norm of the trainable parameters to this value.", gt=0)
     device: str = option("auto", "'auto' (CUDA, then CPU), 'cpu', 'cuda' or 'cuda:N'.")

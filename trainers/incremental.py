@@ -236,7 +236,9 @@ class IncrementalTrainer:
         return self._metrics(state.rows, state.counts, state.runtimes, state.drifts)
 
     def _resume_hint(self, task: int) -> str:
-        if task == 0 or not self.config.logging.checkpoints:
+        if not self.config.logging.checkpoints:
+            return "Checkpoints are off (logging.checkpoints=false), so the run cannot be resumed"
+        if task == 0:
             return "No task had finished, so there is no checkpoint to resume from"
         run_dir = self.writer.path
         return (f"Tasks 1-{task} are saved in {run_dir / CHECKPOINT_DIR}; change the config and continue with "
@@ -334,6 +336,11 @@ class IncrementalTrainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             step_module = DistributedDataParallel(step_module, device_ids=device_ids, broadcast_buffers=False)
         num_epochs = train.epochs_warm + train.epochs_main
+        scheduler = None
+        if train.lr_schedule == "cosine":
+            # One cosine from each group's learning rate down to lr_min over the task's steps.
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=max(num_epochs * len(loader), 1), eta_min=train.lr_min)
         epochs = tqdm(range(num_epochs), desc=f"task {context.task + 1}/{context.num_tasks}", unit="epoch",
                       disable=self._progress_disabled, leave=False)
         for epoch in epochs:
@@ -341,9 +348,9 @@ class IncrementalTrainer:
             step = StepInfo(task=context.task, epoch=epoch, num_epochs=num_epochs, phase=phase)
             started = time.perf_counter()
             loader.batch_sampler.set_epoch(epoch)
-            terms = self.train_epoch(loader, optimizer, step, step_module)
+            terms = self.train_epoch(loader, optimizer, step, step_module, scheduler)
             record = {"type": "epoch", "task": context.task + 1, "epoch": epoch + 1, "phase": phase,
-                      **terms, "time_s": time.perf_counter() - started}
+                      "lr": optimizer.param_groups[0]["lr"], **terms, "time_s": time.perf_counter() - started}
             interval = self.config.logging.eval_interval
             if interval and (epoch + 1) % interval == 0 and epoch + 1 < num_epochs:
                 record["accuracy"] = self.evaluate(context.task).overall
@@ -352,8 +359,12 @@ class IncrementalTrainer:
         self.learner.end_task(context)
 
     def train_epoch(self, loader: DataLoader, optimizer: torch.optim.Optimizer, step: StepInfo,
-                    step_module: nn.Module | None = None) -> dict[str, float]:
-        """Train one epoch and return the mean of each loss term (this rank's, with several ranks)."""
+                    step_module: nn.Module | None = None,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> dict[str, float]:
+        """Train one epoch and return the mean of each loss term (this rank's, with several ranks).
+
+        ``scheduler``, if given, steps after every optimizer step.
+        """
         self.learner.train()
         step_module = step_module or TrainingStep(self.learner)
         totals: dict[str, float] = {}
@@ -375,6 +386,8 @@ class IncrementalTrainer:
                 parameters = [p for group in optimizer.param_groups for p in group["params"]]
                 torch.nn.utils.clip_grad_norm_(parameters, self.config.train.grad_clip)
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             extra = self.learner.after_step(images, labels, step)
             terms = {"loss": loss.item(), **loss_terms, **extra}
             for key, value in terms.items():

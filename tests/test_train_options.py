@@ -1,4 +1,4 @@
-"""Backbone precision (bfloat16 autocast with float32 geometry) and torch.compile of the backbone."""
+"""Training options: bfloat16 autocast with float32 geometry, torch.compile, and the LR schedule."""
 
 from __future__ import annotations
 
@@ -86,3 +86,23 @@ def test_compiled_backbone_follows_folds_and_lora_minus(restore_distribution_val
     # The compiled graph must read the swapped LoRA⁻ weights, not the ones it was traced with.
     torch.testing.assert_close(subtracted, subtracted_eager, atol=1e-5, rtol=0)
     assert (subtracted - plain).abs().max() > 0.1
+
+
+def test_cosine_schedule_decays_within_each_task(tmp_path):
+    import json
+
+    from conftest import DEMO, SHORT_DEMO
+
+    from spherical_cl.config import load_config
+    from trainers.experiment import run_experiment
+
+    overrides = [*SHORT_DEMO, "train.epochs_main=3", "train.lr_schedule=cosine", "train.lr_min=1e-4"]
+    run_experiment(load_config(DEMO, overrides), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    for task in (1, 2, 3):
+        rates = [r["lr"] for r in records if r["type"] == "epoch" and r["task"] == task]
+        assert len(rates) == 3
+        assert rates[0] < 1e-2
+        assert rates[0] > rates[1] > rates[2]
+        # After the task's last step the cosine has reached lr_min.
+        assert rates[2] == pytest.approx(1e-4, rel=1e-6)
