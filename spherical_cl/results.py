@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 # Outputs of a run. A new run in the same directory removes them first.
 RUN_FILES = ("metrics.json", "log.jsonl", "config.yaml", "run_info.json")
 RUN_FOLDERS = ("plots", "exports", "checkpoints")
+# Keys of metrics.json that measure the machine (wall-clock time, memory). On the CPU every
+# other value is determined by the config, the seed and the code.
+MEASUREMENT_KEYS = ("runtime_s", "peak_memory_mb")
 PACKAGES = ("torch", "torchvision", "timm", "peft", "geoopt", "numpy", "scikit-learn", "omegaconf", "spherical-cl")
 
 

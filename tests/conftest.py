@@ -33,6 +33,22 @@ def run_cli(*args: str, module: str = "spherical_cl.train", script: Path | None 
     return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=environment)
 
 
+def assert_close_tree(actual, expected, where: str = "metrics", atol: float = 1e-6) -> None:
+    """Assert equal structure and values of parsed JSON, with floats within ``atol``."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
+        for key in expected:
+            assert_close_tree(actual[key], expected[key], f"{where}.{key}", atol)
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_close_tree(a, e, f"{where}[{index}]", atol)
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=0, abs=atol), where
+    else:
+        assert actual == expected, where
+
+
 def error_line(result: subprocess.CompletedProcess) -> str:
     """Return the last non-empty line of stderr after checking it is a one-line input error."""
     assert result.returncode == 2, result.stderr

@@ -6,15 +6,15 @@ import json
 
 from conftest import DEMO, SHORT_DEMO
 
-# Wall-clock time and the process's peak memory are measurements of the machine, not results.
-MACHINE_KEYS = ("runtime_s", "peak_memory_mb")
+from spherical_cl.results import MEASUREMENT_KEYS
+
 ROW_6 = [*SHORT_DEMO, "method=drs_sphere", "train.epochs_warm=1", "train.epochs_main=2",
          "data.augment=flip", "data.num_workers=0"]
 
 
 def results(run_dir) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {key: value for key, value in metrics.items() if key not in MACHINE_KEYS}
+    return {key: value for key, value in metrics.items() if key not in MEASUREMENT_KEYS}
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):

@@ -9,15 +9,15 @@ import sys
 
 import pytest
 import torch
-from conftest import DEMO, REPO
+from conftest import DEMO, REPO, assert_close_tree
 
 from spherical_cl.distributed import DistributedContext, ShardedBatchSampler
+from spherical_cl.results import MEASUREMENT_KEYS
 
 # Short and at a small learning rate: float32 rounding differs between 1 and 2 processes
 # (batch shapes, summation order), and long training at a high rate amplifies it.
 DDP_RUN = ["logging.progress=false", "data.num_tasks=2", "data.class_order=identity", "data.class_list=null",
            "data.augment=none", "train.epochs_warm=1", "train.epochs_main=1", "train.lr=1e-3"]
-MACHINE_KEYS = ("runtime_s", "peak_memory_mb")
 
 
 @pytest.mark.parametrize("count, world", [(10, 1), (10, 3), (7, 2), (2, 2), (1000, 8)])
@@ -73,21 +73,6 @@ def run_config(run_dir, method: str, processes: int) -> subprocess.CompletedProc
                           env=environment)
 
 
-def assert_close_tree(actual, expected, where: str) -> None:
-    if isinstance(expected, dict):
-        assert actual.keys() == expected.keys(), where
-        for key in expected:
-            assert_close_tree(actual[key], expected[key], f"{where}.{key}")
-    elif isinstance(expected, list):
-        assert len(actual) == len(expected), where
-        for index, (a, e) in enumerate(zip(actual, expected)):
-            assert_close_tree(a, e, f"{where}[{index}]")
-    elif isinstance(expected, float):
-        assert actual == pytest.approx(expected, rel=0, abs=1e-5), where
-    else:
-        assert actual == expected, where
-
-
 @pytest.mark.parametrize("method", ["drs_sphere", "linear_drs"])
 def test_two_gloo_ranks_match_one_process(tmp_path, method):
     from safetensors.torch import load_file
@@ -100,8 +85,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path, method):
     one = json.loads((single / "metrics.json").read_text())
     two = json.loads((double / "metrics.json").read_text())
     assert two["acc_matrix"] == one["acc_matrix"]
-    assert_close_tree({k: v for k, v in two.items() if k not in MACHINE_KEYS},
-                      {k: v for k, v in one.items() if k not in MACHINE_KEYS}, "metrics")
+    assert_close_tree({k: v for k, v in two.items() if k not in MEASUREMENT_KEYS},
+                      {k: v for k, v in one.items() if k not in MEASUREMENT_KEYS}, atol=1e-5)
 
     exports = sorted(p.name for p in (single / "exports").iterdir())
     assert exports == sorted(p.name for p in (double / "exports").iterdir())

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import DEMO, SHORT_DEMO, error_line, run_cli
+from conftest import DEMO, SHORT_DEMO, assert_close_tree, error_line, run_cli
 
-# Only the time taken and the process's memory may differ between two runs of one config.
-MACHINE_KEYS = ("runtime_s", "peak_memory_mb")
+from spherical_cl.results import MEASUREMENT_KEYS
+
 DRS = [*SHORT_DEMO, "method=drs_sphere", "train.epochs_warm=1", "train.epochs_main=2"]
 
 KILLER = """
@@ -30,26 +30,10 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def assert_close_tree(actual, expected, where: str = "metrics") -> None:
-    """Assert equal structure and values, with floats within 1e-6."""
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict) and actual.keys() == expected.keys(), where
-        for key in expected:
-            assert_close_tree(actual[key], expected[key], f"{where}.{key}")
-    elif isinstance(expected, list):
-        assert isinstance(actual, list) and len(actual) == len(expected), where
-        for index, (a, e) in enumerate(zip(actual, expected)):
-            assert_close_tree(a, e, f"{where}[{index}]")
-    elif isinstance(expected, float):
-        assert actual == pytest.approx(expected, rel=0, abs=1e-6), where
-    else:
-        assert actual == expected, where
-
-
 def assert_same_results(resumed: dict, reference: dict) -> None:
     """Assert that two runs' metrics agree on everything but the machine measurements."""
-    assert_close_tree({k: v for k, v in resumed.items() if k not in MACHINE_KEYS},
-                      {k: v for k, v in reference.items() if k not in MACHINE_KEYS})
+    assert_close_tree({k: v for k, v in resumed.items() if k not in MEASUREMENT_KEYS},
+                      {k: v for k, v in reference.items() if k not in MEASUREMENT_KEYS})
     # The accuracy matrix must be identical, not merely close.
     assert resumed["acc_matrix"] == reference["acc_matrix"]
 
