@@ -129,8 +129,10 @@ def load_checkpoint(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as error:  # torch raises RuntimeError, pickle errors or EOFError on damaged files.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason[:160]})") from None
+        # torch's messages run to many lines of advice about weights_only; the first clause is the cause.
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = f"{type(error).__name__}: {first.split('. ')[0][:100]}" if first else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a spherical-cl checkpoint")
     if state.get("version") != VERSION:
@@ -156,16 +158,18 @@ def latest_checkpoint(run_dir: Path) -> dict | None:
     try:
         return load_checkpoint(newest)
     except CheckpointError as error:
-        last_good = "none, so the run would restart from task 1"
+        damaged = [newest]
         for older_task, older in reversed(found[:-1]):
             try:
                 load_checkpoint(older)
             except CheckpointError:
+                damaged.append(older)
                 continue
-            last_good = f"task {older_task + 1} ({older.name})"
-            break
-        raise CheckpointError(f"{error}; the last good checkpoint is {last_good}: delete {newest} and run "
-                              "--resume again to continue from it") from None
+            names = " and ".join(str(path) for path in reversed(damaged))
+            raise CheckpointError(f"{error}; the last good checkpoint is task {older_task + 1} ({older.name}): "
+                                  f"delete {names} and run --resume again to continue from it") from None
+        raise CheckpointError(f"{error}; none of the {len(found)} checkpoints loads: delete {newest.parent} and "
+                              "run --resume again to restart from task 1") from None
 
 
 def capture_rng() -> dict:

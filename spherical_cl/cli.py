@@ -12,6 +12,8 @@ from typing import Callable
 from spherical_cl.errors import UserError
 
 EXIT_USER_ERROR = 2
+# The shell's code for a process ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 def configure_logging(level: str) -> None:
@@ -25,7 +27,8 @@ def configure_logging(level: str) -> None:
 def run_reporting_input_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Return ``run(args)``, or print a UserError as one ``error:`` line and return exit code 2.
 
-    With ``args.debug`` the traceback is printed first.
+    With ``args.debug`` the traceback is printed first. Ctrl-C (SIGINT) prints one line and
+    returns 130.
     """
     try:
         return run(args)
@@ -34,3 +37,9 @@ def run_reporting_input_errors(run: Callable[[argparse.Namespace], int], args: a
             traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print("error: interrupted; the checkpoints of finished tasks are kept, continue with --resume RUN_DIR",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -217,14 +217,19 @@ class ExperimentConfig:
     logging: LoggingConfig = option(default_factory=LoggingConfig)
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Load a YAML file and ``key=value`` overrides onto the schema, then validate.
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), *,
+                text: str | None = None) -> ExperimentConfig:
+    """Load a YAML file (or YAML ``text``, then ``path`` only names it) and ``key=value`` overrides.
+
+    The merged config is validated against the schema.
 
     Raises:
         ConfigError: unreadable file, unknown key, wrong type or value out of range.
     """
     merged = OmegaConf.structured(ExperimentConfig)
-    if path is not None:
+    if text is not None:
+        merged = _merge(merged, _parse_yaml_text(text, str(path)), source=str(path))
+    elif path is not None:
         merged = _merge(merged, _read_yaml(Path(path)), source=str(path))
     if overrides:
         merged = _merge(merged, _parse_overrides(overrides), source="command line")
@@ -256,6 +261,17 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"cannot parse config file {path}: {text}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {path} must contain a mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def _parse_yaml_text(text: str, source: str) -> DictConfig:
+    try:
+        loaded = OmegaConf.create(text)
+    except (yaml.YAMLError, OmegaConfBaseException) as error:
+        line = " ".join(part.strip() for part in str(error).strip().splitlines() if part.strip())
+        raise ConfigError(f"cannot parse the config of {source}: {line}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"the config of {source} must be a mapping of keys, got {type(loaded).__name__}")
     return loaded
 
 
@@ -433,7 +449,10 @@ def config_hash(config: ExperimentConfig) -> str:
 
 
 # Keys a resumed run may not change, even with --force: the saved tasks depend on them.
-RESUME_FIXED_KEYS = ("method", "model.", "data.", "vae.enabled", "vae.latent_dim", "vae.hidden_dim")
+# The seed sets randomly initialised backbone weights, which checkpoints do not store, and
+# the drift references of finished tasks were measured with eval.drift_samples_per_class.
+RESUME_FIXED_KEYS = ("seed", "method", "model.", "data.", "vae.enabled", "vae.latent_dim", "vae.hidden_dim",
+                     "eval.drift_samples_per_class")
 # Keys under data. that set only where the data is read from and how fast.
 RESUME_FREE_DATA_KEYS = ("data.root", "data.download", "data.num_workers")
 

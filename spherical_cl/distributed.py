@@ -84,11 +84,10 @@ class DistributedContext:
         """
         if not self.enabled:
             return tensor
-        from torch.distributed.nn.functional import all_gather
-
         padded, sizes = self._padded(tensor)
-        parts = all_gather(padded)
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+        offset = sum(sizes[:self.rank])
+        gathered = _GatherRows.apply(padded, sizes, offset)
+        return gathered
 
     def _padded(self, tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         # all_gather needs equal shapes, so shorter shares are padded with zero rows.
@@ -105,6 +104,31 @@ class DistributedContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of padded shares whose backward returns this rank's rows of the summed gradient.
+
+    Backward all-reduces the gradient of the whole gathered batch, which works on gloo and
+    NCCL alike, and keeps the rows that came from this rank.
+    """
+
+    @staticmethod
+    def forward(ctx, padded: torch.Tensor, sizes: list[int], offset: int) -> torch.Tensor:
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        ctx.rows = (offset, sizes[dist.get_rank()], padded.shape[0])
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        offset, size, padded_rows = ctx.rows
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        local = grad[offset:offset + size]
+        if padded_rows > size:
+            local = torch.cat([local, local.new_zeros((padded_rows - size, *local.shape[1:]))])
+        return local, None, None
 
 
 def init_distributed(device_type: str) -> DistributedContext:

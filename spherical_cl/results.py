@@ -80,11 +80,64 @@ def check_writable(path: Path) -> None:
                           "directory") from None
 
 
+class RunLock:
+    """An exclusive ``flock`` on ``RUN_DIR/.lock`` while a process writes the run.
+
+    A second process that tries to train or resume the same directory gets a RunDirError
+    instead of interleaving its checkpoints and log with the first. The lock is released
+    when the holder exits, even after SIGKILL, because the kernel drops it with the file
+    descriptor. With ``enabled=False`` (ranks other than 0) it does nothing.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool = True) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.enabled = enabled
+        self._handle = None
+
+    def __enter__(self) -> "RunLock":
+        if not self.enabled:
+            return self
+        import fcntl
+
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunDirError(f"another process (pid {owner}) is writing {self.path.parent}; wait for it to end or "
+                              "choose another output directory") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._handle is not None:
+            # Unlinking before unlocking means a waiting process never locks a stale file.
+            self.path.unlink(missing_ok=True)
+            self._handle.close()
+            self._handle = None
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to ``path`` through a temporary file, fsync and rename."""
     temporary = path.with_suffix(path.suffix + ".tmp")
     with open(temporary, "w") as handle:
         json.dump(payload, handle, indent=2, allow_nan=False, default=_json_default)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to ``path`` through a temporary file, fsync and rename."""
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    with open(temporary, "w") as handle:
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
@@ -151,7 +204,7 @@ class RunWriter:
     def write_start(self, config: ExperimentConfig, info: dict) -> None:
         if not self.enabled:
             return
-        (self.path / "config.yaml").write_text(to_yaml(config))
+        self.write_config(config)
         write_json_atomic(self.path / "run_info.json", info)
 
     def log(self, record: dict) -> None:
@@ -161,9 +214,19 @@ class RunWriter:
         with open(self.log_path, "a") as handle:
             handle.write(json.dumps(_finite_or_none(record), default=_json_default) + "\n")
 
-    def log_size(self) -> int:
-        """Return the size of ``log.jsonl`` in bytes (0 before the first record)."""
-        return self.log_path.stat().st_size if self.log_path.exists() else 0
+    def write_config(self, config: ExperimentConfig) -> None:
+        """Write ``config.yaml`` atomically (temporary file, fsync, rename)."""
+        if not self.enabled:
+            return
+        write_text_atomic(self.path / "config.yaml", to_yaml(config))
+
+    def sync_log(self) -> int:
+        """Flush ``log.jsonl`` to disk and return its size in bytes (0 before the first record)."""
+        if not self.log_path.exists():
+            return 0
+        with open(self.log_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        return self.log_path.stat().st_size
 
     def rewind(self, log_size: int, finished_tasks: int) -> None:
         """Drop what an interrupted run wrote after its last checkpoint.
@@ -173,9 +236,14 @@ class RunWriter:
         """
         if not self.enabled:
             return
-        if self.log_path.exists():
+        size = self.log_path.stat().st_size if self.log_path.exists() else 0
+        if size > log_size:
             with open(self.log_path, "r+b") as handle:
                 handle.truncate(log_size)
+        elif size < log_size:
+            # Truncating would pad with NUL bytes, so keep what is there and warn that records are lost.
+            logger.warning("%s has %d bytes but had %d at the checkpoint of task %d; records of the finished "
+                           "tasks are missing from it", self.log_path, size, log_size, finished_tasks)
         for path in (self.path / "exports").glob("task_*_*.safetensors"):
             if int(path.name.split("_")[1]) > finished_tasks:
                 path.unlink()

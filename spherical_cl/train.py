@@ -78,17 +78,21 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from spherical_cl.config import load_config
 
-    config_path = args.config
     if args.resume is not None:
         if not args.resume.strip():
             raise RunDirError("--resume is empty; give the run directory to continue")
-        if not Path(args.resume).is_dir():
+        if not Path(args.resume).exists():
             raise RunDirError(f"--resume {args.resume}: no such run directory")
-        config_path = config_path or str(Path(args.resume) / "config.yaml")
-        if not Path(config_path).is_file():
-            raise RunDirError(f"no run to resume in {args.resume} (no config.yaml); pass the run directory of an "
-                              "earlier run")
-    config = load_config(config_path, args.overrides)
+        if not Path(args.resume).is_dir():
+            raise RunDirError(f"--resume {args.resume} is not a directory; give the run directory to continue")
+    if args.resume is not None and args.config is None:
+        # The run's own config: that of its newest checkpoint, which needs torch to read.
+        from trainers.experiment import resume_config_text
+
+        text, source = resume_config_text(Path(args.resume))
+        config = load_config(source, args.overrides, text=text)
+    else:
+        config = load_config(args.config, args.overrides)
     # Importing the trainer pulls in torch, timm and peft; a config error is reported before that.
     from trainers.experiment import plan_experiment, resume_experiment, run_experiment
     from trainers.incremental import NonFiniteLossError

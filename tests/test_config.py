@@ -98,3 +98,15 @@ def test_yaml_round_trip_and_hash(tmp_path):
     assert config_hash(again) == config_hash(config)
     assert config_hash(load_config(SAMPLE)) != config_hash(config)
     assert math.isclose(again.train.lr, 3e-4)
+
+
+@pytest.mark.parametrize(
+    "key, fixed",
+    [("seed", True), ("method", True), ("model.lora_rank", True), ("data.num_tasks", True), ("data.root", False),
+     ("data.num_workers", False), ("vae.latent_dim", True), ("vae.beta", False), ("eval.drift_samples_per_class", True),
+     ("train.lr", False), ("logging.keep_checkpoints", False)],
+)
+def test_resume_fixed_keys(key, fixed):
+    from spherical_cl.config import is_resume_fixed
+
+    assert is_resume_fixed(key) is fixed

@@ -108,3 +108,14 @@ def test_two_gloo_ranks_match_one_process(tmp_path, method):
     assert sum(r["type"] == "epoch" for r in records) == 4
     assert json.loads((double / "run_info.json").read_text())["hardware"]["world_size"] == 2
     assert sorted(p.name for p in (double / "checkpoints").iterdir()) == ["task_01.pt", "task_02.pt"]
+
+
+def test_batch_smaller_than_world_is_rejected_early():
+    from spherical_cl.config import load_config
+    from spherical_cl.errors import ConfigError
+    from trainers.experiment import _check_world_size
+
+    config = load_config(DEMO, ["train.batch_size=3"])
+    _check_world_size(config, DistributedContext(rank=0, world_size=3))
+    with pytest.raises(ConfigError, match="train.batch_size=3 is smaller than the 4 ranks"):
+        _check_world_size(config, DistributedContext(rank=0, world_size=4))

@@ -122,13 +122,16 @@ def test_resume_config_change_needs_force(tmp_path, reference_run):
     (run_dir / "checkpoints" / "task_03.pt").unlink()
 
     message = error_line(run_cli("--resume", str(run_dir), "train.lr=0.002", "loss.m_end=0.1"))
-    assert "differs from the checkpoint task_02.pt" in message
+    assert "differs from that of " in message
+    assert "checkpoints/task_02.pt in" in message
     assert "train.lr (0.01 -> 0.002)" in message
     assert "loss.m_end" in message
     assert "--force" in message
 
     fixed = error_line(run_cli("--resume", str(run_dir), "data.num_tasks=2", "--force"))
     assert "cannot resume with a changed data.num_tasks" in fixed
+    # A random-init backbone is rebuilt from the seed, so the seed can never change.
+    assert "cannot resume with a changed seed" in error_line(run_cli("--resume", str(run_dir), "seed=1", "--force"))
 
     forced = run_cli("--resume", str(run_dir), "train.lr=0.002", "--force")
     assert forced.returncode == 0, forced.stderr
@@ -172,9 +175,28 @@ def test_run_dir_with_checkpoints_needs_resume_or_overwrite(tmp_path, reference_
     assert (run_dir / "checkpoints" / "task_03.pt").exists()
 
 
+def test_plain_resume_uses_newest_checkpoint_config(tmp_path, reference_run):
+    from spherical_cl.config import load_config, to_yaml
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    (run_dir / "metrics.json").unlink()
+    (run_dir / "checkpoints" / "task_03.pt").unlink()
+    # What a forced resume with another learning rate leaves when it is killed before task 3 ends.
+    original = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(to_yaml(load_config(run_dir / "config.yaml", ["train.lr=0.002"])))
+
+    result = run_cli("--resume", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "config.yaml").read_text() == original
+    assert_same_results(read_metrics(run_dir), read_metrics(reference_run))
+
+
 def test_resume_of_finished_run_trains_nothing(tmp_path, reference_run):
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run, run_dir)
+    # A finished run needs no checkpoint, so a damaged one does not matter.
+    (run_dir / "checkpoints" / "task_03.pt").write_bytes(b"")
     before = (run_dir / "log.jsonl").read_text()
     result = run_cli("--resume", str(run_dir))
     assert result.returncode == 0, result.stderr
@@ -186,6 +208,7 @@ def test_resume_of_finished_run_trains_nothing(tmp_path, reference_run):
     "args, fragment",
     [
         (["--resume", "{tmp}/missing"], "no such run directory"),
+        (["--resume", str(DEMO)], "is not a directory"),
         (["--resume", "{tmp}"], "no config.yaml"),
         (["--resume", "{tmp}", "--run-dir", "{tmp}/x"], "cannot be combined with --run-dir"),
         (["--config", str(DEMO), "--force"], "--force only applies to --resume"),
@@ -225,6 +248,60 @@ def test_non_finite_loss_keeps_checkpoint_and_resume_continues(tmp_path, monkeyp
     metrics = resume_in_process(run_dir, "train.lr=0.005", force=True)
     assert len(metrics["acc_matrix"]) == 3
     assert (run_dir / "metrics.json").exists()
+
+
+def test_every_checkpoint_damaged_names_restart(tmp_path):
+    from spherical_cl.checkpoint import CheckpointError, latest_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for task in (1, 2):
+        (folder / f"task_{task:02d}.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as caught:
+        latest_checkpoint(tmp_path)
+    assert "none of the 2 checkpoints loads" in str(caught.value)
+    assert f"delete {folder}" in str(caught.value)
+
+
+def test_rewind_never_pads_a_short_log(tmp_path, caplog):
+    from spherical_cl.results import RunWriter
+
+    writer = RunWriter(tmp_path)
+    writer.log({"type": "epoch", "task": 1})
+    size = writer.sync_log()
+    writer.rewind(size + 500, finished_tasks=1)
+    assert (tmp_path / "log.jsonl").stat().st_size == size
+    assert b"\0" not in (tmp_path / "log.jsonl").read_bytes()
+    assert "records of the finished tasks are missing" in caplog.text
+
+
+def test_run_lock_rejects_second_writer(tmp_path):
+    import os
+
+    from spherical_cl.errors import RunDirError
+    from spherical_cl.results import RunLock
+
+    with RunLock(tmp_path):
+        with pytest.raises(RunDirError, match=f"another process \\(pid {os.getpid()}\\) is writing {tmp_path}"):
+            with RunLock(tmp_path):
+                pass
+    assert not (tmp_path / ".lock").exists()
+    with RunLock(tmp_path):
+        pass
+
+
+def test_interrupt_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
+    import trainers.experiment
+    from spherical_cl.train import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainers.experiment, "run_experiment", interrupted)
+    assert main(["--config", str(DEMO), "--run-dir", str(tmp_path / "run")]) == 130
+    stderr = capsys.readouterr().err
+    assert stderr.strip().splitlines() == [
+        "error: interrupted; the checkpoints of finished tasks are kept, continue with --resume RUN_DIR"]
 
 
 def test_keep_checkpoints_prunes_older_ones(tmp_path):

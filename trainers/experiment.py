@@ -17,14 +17,14 @@ import torch
 from omegaconf import OmegaConf
 
 from spherical_cl.backbones import build_backbone, check_weights_available
-from spherical_cl.checkpoint import latest_checkpoint
+from spherical_cl.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints
 from spherical_cl.config import ExperimentConfig, diff_configs, flatten_dict, is_resume_fixed, to_dict, to_yaml
 from spherical_cl.distributed import DistributedContext, init_distributed
 from spherical_cl.errors import ConfigError, DataError, RunDirError, UserError
 from spherical_cl.data import ClassSplit, IncrementalData, build_class_split, load_source
 from spherical_cl.methods import build_learner
 from spherical_cl.plots import plot_run
-from spherical_cl.results import RunWriter, check_writable, prepare_run_dir, run_info
+from spherical_cl.results import RunLock, RunWriter, check_writable, prepare_run_dir, run_info
 from trainers.incremental import IncrementalTrainer, RunState, resolve_device, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -126,12 +126,15 @@ def run_experiment(config: ExperimentConfig, run_dir: Path, *, overwrite: bool =
     """
     device, dist = _prepare_device(config)
     backbone, data, learner = _build(config)
-    _on_main_rank(dist, device, lambda: prepare_run_dir(run_dir, overwrite=overwrite), run_dir)
-    writer = RunWriter(run_dir, enabled=dist.is_main)
-    writer.write_start(config, run_info(config, str(device), world_size=dist.world_size))
-    logger.info("run directory: %s", run_dir)
-    trainer = IncrementalTrainer(config, learner, data, writer, device, dist)
-    return _finish(trainer.run(), writer, run_dir, dist)
+    _check_world_size(config, dist)
+    _on_main_rank(dist, device, lambda: check_writable(run_dir), run_dir)
+    with RunLock(run_dir, enabled=dist.is_main):
+        _on_main_rank(dist, device, lambda: prepare_run_dir(run_dir, overwrite=overwrite), run_dir)
+        writer = RunWriter(run_dir, enabled=dist.is_main)
+        writer.write_start(config, run_info(config, str(device), world_size=dist.world_size))
+        logger.info("run directory: %s", run_dir)
+        trainer = IncrementalTrainer(config, learner, data, writer, device, dist)
+        return _finish(trainer.run(), writer, run_dir, dist)
 
 
 def _on_main_rank(dist: DistributedContext, device: torch.device, action, run_dir: Path) -> None:
@@ -146,55 +149,86 @@ def _on_main_rank(dist: DistributedContext, device: torch.device, action, run_di
         raise failure or RunDirError(f"rank 0 could not prepare the run directory {run_dir}; see its error")
 
 
+def resume_config_text(run_dir: Path) -> tuple[str, str]:
+    """Return the YAML text of the config a plain ``--resume`` continues with, and its source.
+
+    That is the config saved in the newest checkpoint, which trained the last finished
+    task, or ``config.yaml`` for a finished run or one without a checkpoint.
+
+    Raises:
+        RunDirError: there is neither a checkpoint nor ``config.yaml``.
+        CheckpointError: the newest checkpoint is damaged.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").exists() and list_checkpoints(run_dir):
+        checkpoint = latest_checkpoint(run_dir)
+        return checkpoint["config_yaml"], str(checkpoint_path(run_dir, checkpoint["task"] - 1))
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise RunDirError(f"no run to resume in {run_dir} (no config.yaml and no checkpoint); pass the run "
+                          "directory of an earlier run to --resume")
+    return path.read_text(), str(path)
+
+
 def resume_experiment(config: ExperimentConfig, run_dir: Path, *, force: bool = False) -> dict:
     """Continue the run in ``run_dir`` after its last complete task; return the metrics.
 
-    ``config`` must equal the run's own config unless ``force`` is given. Even then, the
-    keys the finished tasks depend on (method, model, data split, VAE size) must not change.
-    A run that finished already is not trained again: its metrics are returned.
+    ``config`` must equal the config of the newest checkpoint unless ``force`` is given.
+    Even then, the keys the finished tasks depend on (seed, method, model, data split,
+    VAE size, drift sample) must not change. A run that finished already is not trained
+    again: its metrics are returned. While it runs, the process holds the run's lock.
 
     Raises:
-        RunDirError: ``run_dir`` contains no run.
+        RunDirError: ``run_dir`` contains no run, or another process is writing it.
         CheckpointError: the newest checkpoint is damaged (the message names the last good one).
         ConfigError: ``config`` differs from the run's and ``force`` is off, or a fixed key differs.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise RunDirError(f"no run to resume in {run_dir} (no config.yaml); pass the run directory of an earlier "
-                          "run to --resume")
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None:
-        saved, source = _yaml_dict(checkpoint["config_yaml"]), f"checkpoint task_{checkpoint['task']:02d}.pt"
-    else:
-        saved, source = _yaml_dict((run_dir / "config.yaml").read_text()), "config.yaml"
-    changes = check_resume_config(saved, config, source, force=force)
+    text, source = resume_config_text(run_dir)
     if (run_dir / "metrics.json").exists():
-        logger.info("%s already finished; nothing to resume", run_dir)
+        check_resume_config(_yaml_dict(text), config, source, force=force)
+        if int(os.environ.get("RANK", "0")) == 0:
+            logger.info("%s already finished; nothing to resume", run_dir)
         return json.loads((run_dir / "metrics.json").read_text())
 
     device, dist = _prepare_device(config)
-    backbone, data, learner = _build(config)
-    _on_main_rank(dist, device, lambda: check_writable(run_dir), run_dir)
-    writer = RunWriter(run_dir, enabled=dist.is_main)
-    learner.to(device)
-    state, rng, finished = None, None, 0
-    if checkpoint is not None:
-        learner.load_checkpoint_state(checkpoint["learner"])
-        state = RunState.from_dict(checkpoint["trainer"], device)
-        rng, finished = checkpoint["rng"], checkpoint["task"]
-        writer.rewind(checkpoint["log_size"], finished)
-    else:
-        # Killed during the first task: start it again in the same directory.
-        writer.rewind(0, 0)
-    if changes and dist.is_main:
-        (run_dir / "config.yaml").write_text(to_yaml(config))
-    writer.add_resume({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "after_task": finished,
-                       "changed": {key: [old, new] for key, old, new in changes},
-                       "git_commit": run_info(config, str(device))["git_commit"]})
-    writer.log({"type": "resume", "after_task": finished, "changed": [key for key, _, _ in changes]})
-    logger.info("resuming %s after task %d of %d", run_dir, finished, data.class_split.num_tasks)
-    trainer = IncrementalTrainer(config, learner, data, writer, device, dist)
-    return _finish(trainer.run(state, rng), writer, run_dir, dist)
+    with RunLock(run_dir, enabled=dist.is_main):
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            source = str(checkpoint_path(run_dir, checkpoint["task"] - 1))
+            saved = _yaml_dict(checkpoint["config_yaml"])
+        else:
+            saved = _yaml_dict((run_dir / "config.yaml").read_text())
+        changes = check_resume_config(saved, config, source, force=force)
+        backbone, data, learner = _build(config)
+        _check_world_size(config, dist)
+        _on_main_rank(dist, device, lambda: check_writable(run_dir), run_dir)
+        writer = RunWriter(run_dir, enabled=dist.is_main)
+        learner.to(device)
+        state, rng, finished = None, None, 0
+        if checkpoint is not None:
+            learner.load_checkpoint_state(checkpoint["learner"])
+            state = RunState.from_dict(checkpoint["trainer"], device)
+            rng, finished = checkpoint["rng"], checkpoint["task"]
+            writer.rewind(checkpoint["log_size"], finished)
+        else:
+            # Killed during the first task: start it again in the same directory.
+            writer.rewind(0, 0)
+        # config.yaml always describes the config the run continues with.
+        writer.write_config(config)
+        writer.add_resume({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "after_task": finished,
+                           "changed": {key: [old, new] for key, old, new in changes},
+                           "git_commit": run_info(config, str(device))["git_commit"]})
+        writer.log({"type": "resume", "after_task": finished, "changed": [key for key, _, _ in changes]})
+        logger.info("resuming %s after task %d of %d", run_dir, finished, data.class_split.num_tasks)
+        trainer = IncrementalTrainer(config, learner, data, writer, device, dist)
+        return _finish(trainer.run(state, rng), writer, run_dir, dist)
+
+
+def _check_world_size(config: ExperimentConfig, dist: DistributedContext) -> None:
+    if config.train.batch_size < dist.world_size:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} is smaller than the {dist.world_size} "
+                          f"ranks; use a global batch of at least {dist.world_size}")
 
 
 def check_resume_config(saved: dict, config: ExperimentConfig, source: str, *, force: bool) -> list:
@@ -216,10 +250,10 @@ def check_resume_config(saved: dict, config: ExperimentConfig, source: str, *, f
     fixed = [key for key, _, _ in changes if is_resume_fixed(key)]
     if fixed:
         raise ConfigError(f"cannot resume with a changed {', '.join(fixed)}: the finished tasks depend on it "
-                          f"(differences from the {source}: {shown}); resume with the run's own values or start "
-                          "a new run")
+                          f"(differences from the config of {source}: {shown}); resume with the run's own values "
+                          "or start a new run")
     if not force:
-        raise ConfigError(f"the config differs from the {source} in {shown}; pass --force to resume with the "
+        raise ConfigError(f"the config differs from that of {source} in {shown}; pass --force to resume with the "
                           "new values, or drop them to resume unchanged")
     logger.warning("resuming with a changed config: %s", shown)
     return changes

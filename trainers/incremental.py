@@ -255,7 +255,7 @@ class IncrementalTrainer:
             "config_hash": config_hash(self.config),
             "learner": self.learner.checkpoint_state(),
             "trainer": state.to_dict(),
-            "log_size": self.writer.log_size(),
+            "log_size": self.writer.sync_log(),
             "rng": capture_rng(),
         })
         logger.debug("checkpoint written: %s", path)
@@ -334,7 +334,7 @@ class IncrementalTrainer:
             # A new wrapper per task, because each task trains new parameters. It broadcasts
             # rank 0's parameters first, so an adapter initialised differently elsewhere is overwritten.
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            step_module = DistributedDataParallel(step_module, device_ids=device_ids, broadcast_buffers=False)
+            step_module = DistributedDataParallel(step_module, device_ids=device_ids, forward_sync_buffers=False)
         num_epochs = train.epochs_warm + train.epochs_main
         scheduler = None
         if train.lr_schedule == "cosine":
