@@ -39,6 +39,9 @@ from spherical_cl.vae import SphericalCauchyVAE
 
 logger = logging.getLogger(__name__)
 
+# Rows per chunk of the log maps in build_tangent_basis: 4096 × D floats per temporary.
+TANGENT_CHUNK_ROWS = 4096
+
 
 class HypersphericalDRS(SequentialLoRA):
     """ArcFace and angular triplet training with the embedding gradient kept in the DRS."""
@@ -130,16 +133,16 @@ class HypersphericalDRS(SequentialLoRA):
 
         Each v_i = log_μ(x̂_i) lives in the tangent space at the sample's own base point,
         so the vectors are parallel-transported to m̄, the mean direction of the base
-        points, before Σ v vᵀ is pooled.
+        points, before Σ v vᵀ is pooled. The maps run on chunks of rows, because on all N
+        rows at once their temporaries take about 20 times the memory of the embeddings.
         """
         projection = self.config.projection
         points = base_points.points
-        index = base_points.assign(embeddings, labels)
-        mu = points[index]
         center = mean_direction(points)
-        vectors = self.sphere.transp(mu, center.expand_as(mu), self.sphere.logmap(mu, embeddings))
         pca = TangentPCA(embeddings.shape[1], device=embeddings.device)
-        pca.update(vectors)
+        for rows, row_labels in zip(embeddings.split(TANGENT_CHUNK_ROWS), labels.split(TANGENT_CHUNK_ROWS)):
+            mu = points[base_points.assign(rows, row_labels)]
+            pca.update(self.sphere.transp(mu, center.expand_as(mu), self.sphere.logmap(mu, rows)))
         try:
             result = pca.solve(projection.pca_energy, projection.k_max, base_point=center)
         except ValueError as error:
