@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None and args.resume is None:
         parser.error("the following arguments are required: --config (or --resume RUN_DIR)")
     if args.resume is not None:
-        for flag, given in (("--run-dir", args.run_dir is not None), ("--overwrite", args.overwrite),
+        for flag, is_set in (("--run-dir", args.run_dir is not None), ("--overwrite", args.overwrite),
                             ("--dry-run", args.dry_run)):
-            if given:
+            if is_set:
                 parser.error(f"--resume cannot be combined with {flag}; --resume names the run directory")
     elif args.force:
         parser.error("--force only applies to --resume RUN_DIR")

@@ -82,11 +82,11 @@ def test_two_gloo_ranks_match_one_process(tmp_path, method):
         result = run_config(run_dir, method, processes)
         assert result.returncode == 0, result.stderr[-3000:]
 
-    one = json.loads((single / "metrics.json").read_text())
-    two = json.loads((double / "metrics.json").read_text())
-    assert two["acc_matrix"] == one["acc_matrix"]
-    assert_close_tree({k: v for k, v in two.items() if k not in MEASUREMENT_KEYS},
-                      {k: v for k, v in one.items() if k not in MEASUREMENT_KEYS}, atol=1e-5)
+    one_rank = json.loads((single / "metrics.json").read_text())
+    two_ranks = json.loads((double / "metrics.json").read_text())
+    assert two_ranks["acc_matrix"] == one_rank["acc_matrix"]
+    assert_close_tree({k: v for k, v in two_ranks.items() if k not in MEASUREMENT_KEYS},
+                      {k: v for k, v in one_rank.items() if k not in MEASUREMENT_KEYS}, atol=1e-5)
 
     exports = sorted(p.name for p in (single / "exports").iterdir())
     assert exports == sorted(p.name for p in (double / "exports").iterdir())

@@ -244,18 +244,18 @@ def check_resume_config(saved: dict, config: ExperimentConfig, source: str, *, f
                if key in saved_keys or new != defaults.get(key, object())]
     if not changes:
         return []
-    shown = ", ".join(f"{key} ({old!r} -> {new!r})" for key, old, new in changes[:6])
+    listed_changes = ", ".join(f"{key} ({old!r} -> {new!r})" for key, old, new in changes[:6])
     if len(changes) > 6:
-        shown += f" and {len(changes) - 6} more"
+        listed_changes += f" and {len(changes) - 6} more"
     fixed = [key for key, _, _ in changes if is_resume_fixed(key)]
     if fixed:
         raise ConfigError(f"cannot resume with a changed {', '.join(fixed)}: the finished tasks depend on it "
-                          f"(differences from the config of {source}: {shown}); resume with the run's own values "
-                          "or start a new run")
+                          f"(differences from the config of {source}: {listed_changes}); resume with the run's "
+                          "own values or start a new run")
     if not force:
-        raise ConfigError(f"the config differs from that of {source} in {shown}; pass --force to resume with the "
-                          "new values, or drop them to resume unchanged")
-    logger.warning("resuming with a changed config: %s", shown)
+        raise ConfigError(f"the config differs from that of {source} in {listed_changes}; pass --force to resume "
+                          "with the new values, or drop them to resume unchanged")
+    logger.warning("resuming with a changed config: %s", listed_changes)
     return changes
 
 
