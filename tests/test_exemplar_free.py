@@ -3,9 +3,9 @@
 The audit runs each learner twice, with 27 and with 43 training images per class, and
 reads every file both runs write. A file that stored images, embeddings or anything else
 per sample would change shape with the number of samples. Parameters, prototypes, bases,
-statistics and metrics do not. The bases are fixed in size here (``pca_energy=1`` fills
-``k_max``; a linear-DRS energy of 0.01 keeps one direction per layer) so that their shape
-depends on the config alone.
+statistics and metrics do not. The bases are fixed in size here, so that their shape
+depends on the config alone: ``pca_energy=1`` fills ``k_max``, and a linear-DRS energy of
+0.01 keeps one direction per layer.
 """
 
 from __future__ import annotations
