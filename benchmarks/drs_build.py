@@ -197,14 +197,11 @@ def main() -> None:
     dims = parse_sizes(args.dims, "--dims", parser)
     if args.k_max >= min(dims):
         parser.error(f"--k-max={args.k_max} must be smaller than every D in --dims (smallest: {min(dims)})")
-    device = harness.set_up(args)
+    device, info = harness.start(args)
     config = load_config(None, [f"projection.k_max={args.k_max}", f"projection.pca_energy={args.energy}"])
     # build_tangent_basis reads only self.config.projection and self.sphere, so a stub replaces the
     # learner and no backbone of each size D is needed.
     learner_stub = types.SimpleNamespace(config=config, sphere=Sphere())
-
-    info = harness.environment(device)
-    harness.print_environment(info)
     generator = torch.Generator().manual_seed(args.seed)
     results = []
     for dim in dims:
@@ -252,8 +249,7 @@ def main() -> None:
               f"{PLAN_PROTOTYPE_BYTES_AT_768 / 1e3:.0f} KB per class, measured "
               f"{at_plan['prototype_bytes_per_class']:,} bytes.")
         print()
-    harness.write_json(args.json, {"environment": info, "arguments": {k: str(v) for k, v in vars(args).items()},
-                                   "results": results})
+    harness.write_results(args.json, info, args, results)
 
 
 if __name__ == "__main__":

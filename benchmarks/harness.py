@@ -165,6 +165,20 @@ def format_spread(summary: dict[str, float], digits: int = 3) -> str:
             f"IQR {summary['q1']:.{digits}f}–{summary['q3']:.{digits}f})")
 
 
+def start(args: argparse.Namespace) -> tuple[torch.device, dict[str, str | int]]:
+    """Apply the common arguments, print the run's environment and return (device, environment)."""
+    device = set_up(args)
+    info = environment(device)
+    print_environment(info)
+    return device, info
+
+
+def write_results(path: Path | None, info: dict, args: argparse.Namespace, results: list) -> None:
+    """Write the environment, the arguments and the results as JSON to ``path`` (from --json), if given."""
+    write_json(path, {"environment": info, "arguments": {k: str(v) for k, v in vars(args).items()},
+                      "results": results})
+
+
 def write_json(path: Path | None, payload: dict) -> None:
     if path is None:
         return

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import manifolds
+from harness import cpu_model
 
 # (label, low, high, spacing). "log" samples θ log-uniformly; "pi-log" samples
 # π − θ log-uniformly, to reach the antipode.
@@ -188,17 +189,6 @@ def special_cases(manifold, dtype: torch.dtype, seed: int) -> Dict[str, str]:
 
     cells["max relative error of ‖logmap‖, θ in π−1e-3 to π−1e-6"] = run_safely(antipodal_log_length_error)
     return cells
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -289,21 +289,17 @@ def main() -> None:
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                         help="autocast dtype of the backbone, as train.precision sets it (default: fp32)")
     args = parser.parse_args()
-    device = harness.set_up(args)
+    device, info = harness.start(args)
     # peft warns that a plain torch module has no config, and the learners log each U_t.
     warnings.filterwarnings("ignore", category=UserWarning)
     logging.disable(logging.INFO)
-
-    info = harness.environment(device)
-    harness.print_environment(info)
     results = []
     for name in args.backbones.split(","):
         img_size = args.mobilenet_img_size if name == "mobilenet_v2" else None
         result = benchmark_backbone(name, img_size, args, device)
         print_backbone(result, args.target)
         results.append(result)
-    harness.write_json(args.json, {"environment": info, "arguments": {k: str(v) for k, v in vars(args).items()},
-                                   "results": results})
+    harness.write_results(args.json, info, args, results)
 
 
 if __name__ == "__main__":

@@ -237,20 +237,16 @@ def main() -> None:
     unknown = [key for key in models if key not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)} in --models; choose from {', '.join(MODELS)}")
-    device = harness.set_up(args)
+    device, info = harness.start(args)
     # peft warns that a plain torch module has no config.
     warnings.filterwarnings("ignore", category=UserWarning)
     logging.disable(logging.INFO)
-
-    info = harness.environment(device)
-    harness.print_environment(info)
     results = []
     for key in models:
         result = benchmark_model(key, args, device)
         print_model(result, args.target)
         results.append(result)
-    harness.write_json(args.json, {"environment": info, "arguments": {k: str(v) for k, v in vars(args).items()},
-                                   "results": results})
+    harness.write_results(args.json, info, args, results)
 
 
 if __name__ == "__main__":
