@@ -207,3 +207,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.batch_size)
         return full + (1 if rest >= max(self.context.world_size, 1) else 0)
+
+    def global_batch_size(self, index: int) -> int:
+        """Return the size of global batch ``index`` of an epoch, summed over all ranks' shares."""
+        return min(self.batch_size, self.num_samples - index * self.batch_size)

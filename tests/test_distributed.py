@@ -119,3 +119,9 @@ def test_batch_smaller_than_world_is_rejected_early():
     _check_world_size(config, DistributedContext(rank=0, world_size=3))
     with pytest.raises(ConfigError, match="train.batch_size=3 is smaller than the 4 ranks"):
         _check_world_size(config, DistributedContext(rank=0, world_size=4))
+
+
+def test_sampler_global_batch_sizes_sum_shares():
+    ranks = [ShardedBatchSampler(103, 16, seed=5, context=DistributedContext(rank=r, world_size=3)) for r in range(3)]
+    for index, shares in enumerate(zip(*ranks)):
+        assert sum(len(share) for share in shares) == ranks[0].global_batch_size(index)

@@ -184,8 +184,8 @@ def resume_experiment(config: ExperimentConfig, run_dir: Path, *, force: bool = 
         ConfigError: ``config`` differs from the run's and ``force`` is off, or a fixed key differs.
     """
     run_dir = Path(run_dir)
-    text, source = resume_config_text(run_dir)
     if (run_dir / "metrics.json").exists():
+        text, source = resume_config_text(run_dir)
         check_resume_config(_yaml_dict(text), config, source, force=force)
         if int(os.environ.get("RANK", "0")) == 0:
             logger.info("%s already finished; nothing to resume", run_dir)
@@ -198,7 +198,8 @@ def resume_experiment(config: ExperimentConfig, run_dir: Path, *, force: bool = 
             source = str(checkpoint_path(run_dir, checkpoint["task"] - 1))
             saved = _yaml_dict(checkpoint["config_yaml"])
         else:
-            saved = _yaml_dict((run_dir / "config.yaml").read_text())
+            text, source = resume_config_text(run_dir)
+            saved = _yaml_dict(text)
         changes = check_resume_config(saved, config, source, force=force)
         backbone, data, learner = _build(config)
         _check_world_size(config, dist)

@@ -375,7 +375,9 @@ class IncrementalTrainer:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             loss, batch_loss, loss_terms = step_module(images, labels, step)
-            loss = loss * self._share_of_batch(len(labels))
+            if self.dist.enabled:
+                # Distributed runs always train from a ShardedBatchSampler, which knows the global batch.
+                loss = loss * self._share_of_batch(len(labels), loader.batch_sampler.global_batch_size(batch_index))
             if batch_loss is not None:
                 loss = loss + batch_loss
             optimizer.zero_grad(set_to_none=True)
@@ -395,16 +397,13 @@ class IncrementalTrainer:
             batches += 1
         return {key: value / max(batches, 1) for key, value in totals.items()}
 
-    def _share_of_batch(self, local_size: int) -> float:
+    def _share_of_batch(self, local_size: int, global_size: int) -> float:
         """Return the weight that makes DDP's average of per-rank means the global batch mean.
 
         Rank r's mean over n_r samples is weighted by n_r · world / N; averaging over the
-        ranks then gives Σ n_r mean_r / N. It is exactly 1 with one process.
+        ranks then gives Σ n_r mean_r / N.
         """
-        if not self.dist.enabled:
-            return 1.0
-        total = self.dist.all_reduce_sum(torch.tensor([local_size], device=self.device))
-        return local_size * self.dist.world_size / int(total.item())
+        return local_size * self.dist.world_size / global_size
 
     def _check_finite(self, loss: torch.Tensor, terms: dict, step: StepInfo, batch_index: int) -> None:
         # Every rank takes the same branch; a rank that stopped alone would leave the others waiting.
