@@ -289,10 +289,12 @@ def main() -> None:
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                         help="autocast dtype of the backbone, as train.precision sets it (default: fp32)")
     args = parser.parse_args()
+
     device, info = harness.start(args)
     # peft warns that a plain torch module has no config, and the learners log each U_t.
     warnings.filterwarnings("ignore", category=UserWarning)
     logging.disable(logging.INFO)
+
     results = []
     for name in args.backbones.split(","):
         img_size = args.mobilenet_img_size if name == "mobilenet_v2" else None

@@ -231,16 +231,19 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=1.05,
                         help="target of the folded model's task-20 over task-1 ratio (default: 1.05)")
     args = parser.parse_args()
+
     if args.tasks < 2:
         parser.error(f"--tasks must be at least 2, got {args.tasks}")
     models = args.models.split(",")
     unknown = [key for key in models if key not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)} in --models; choose from {', '.join(MODELS)}")
+
     device, info = harness.start(args)
     # peft warns that a plain torch module has no config.
     warnings.filterwarnings("ignore", category=UserWarning)
     logging.disable(logging.INFO)
+
     results = []
     for key in models:
         result = benchmark_model(key, args, device)

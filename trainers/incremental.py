@@ -376,7 +376,7 @@ class IncrementalTrainer:
             labels = labels.to(self.device, non_blocking=True)
             loss, batch_loss, loss_terms = step_module(images, labels, step)
             if self.dist.enabled:
-                # Distributed runs always train from a ShardedBatchSampler, which knows the global batch.
+                # Distributed runs always train from a ShardedBatchSampler, which returns the global batch size.
                 loss = loss * self._share_of_batch(len(labels), loader.batch_sampler.global_batch_size(batch_index))
             if batch_loss is not None:
                 loss = loss + batch_loss
